@@ -1,0 +1,76 @@
+"""The `exaggerate` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _stage(args) -> int:
+    from .stages import run_stage
+
+    run_stage(args.name, args.params)
+    return 0
+
+
+def _explain(args) -> int:
+    from .series import explain_files
+
+    explain_files(args.images, args.out, params_path=args.params, classifier_dir=args.classifier,
+                  generator_path=args.generator, convert=args.convert)
+    return 0
+
+
+def _show_params(args) -> int:
+    import yaml
+
+    from .config import load_config
+
+    print(yaml.safe_dump(load_config(args.params).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .stages import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="exaggerate",
+        description="Explain an image classifier by progressive exaggeration (Singla et al., ICLR 2020).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("stage", help="run one DVC pipeline stage (dvc.yaml calls this)")
+    p.add_argument("name", choices=list(STAGES))
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    p.set_defaults(func=_stage)
+
+    p = sub.add_parser("explain", help="explain your own image files with a trained explainer")
+    p.add_argument("images", nargs="+", help="image files (any size and format Pillow reads)")
+    p.add_argument("--out", required=True, help="folder for the strips (PNG) and posteriors (JSON)")
+    p.add_argument("--params", default="params.yaml", help="parameters the explainer was trained with")
+    p.add_argument("--classifier", default="outputs/classifier", help="classifier folder (train_classifier output)")
+    p.add_argument("--generator", default="outputs/explainer/generator.pt", help="trained generator file")
+    p.add_argument("--convert", action="store_true",
+                   help="convert colour images to grey (or grey to colour) instead of refusing them")
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("params", help="print the validated, fully resolved parameters")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=_show_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .classifier import ClassifierError
+    from .config import ConfigError
+    from .datasets import DatasetError
+    from .posteriors import PosteriorError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, ClassifierError, PosteriorError, FileNotFoundError) as exc:
+        print(f"exaggerate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Typed, validated configuration.
+
+params.yaml is read once (by the stage wrappers or the CLI) into a `Config`; library code
+receives the typed sections and never reads params.yaml itself. Every error names the
+offending key (as a dotted path) and what would have been accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter file or value that cannot be used; the message names the key."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class Base:
+    seed: int = 0
+    dataset: str = field(default="fashion_mnist", metadata=_choices("fashion_mnist", "celeba", "image_folder"))
+    data_root: str = "data/fashion-mnist"
+    # Class (fashion_mnist, image_folder) or attribute (celeba) whose posterior is explained.
+    target: str = "Ankle boot"
+    # Class datasets: the classes used as negatives; empty means one-vs-rest.
+    negatives: list[str] = field(default_factory=lambda: ["Sneaker"])
+    # CelebA: attributes the classifier predicts (multi-label); empty means [target].
+    attributes: list[str] = field(default_factory=list)
+    image_size: int = 32
+    channels: int = 1
+    # How images reach image_size: "pad" (centre them on a black canvas) or "resize".
+    resize: str = field(default="pad", metadata=_choices("pad", "resize"))
+    # CelebA's centre crop before resizing (the paper's 150x150); 0 disables it.
+    center_crop: int = 150
+    num_bins: int = 10
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    # Torch CPU threads; 0 keeps torch's default.
+    threads: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.num_bins >= 2, f"{key}.num_bins", self.num_bins, "an integer >= 2")
+        _check(self.image_size >= 8, f"{key}.image_size", self.image_size, "an integer >= 8")
+        _check(self.channels in (1, 3), f"{key}.channels", self.channels, "1 or 3")
+        _check(self.target != "", f"{key}.target", self.target, "a class or attribute name")
+        _check(self.threads >= 0, f"{key}.threads", self.threads, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Prepare:
+    # Share of the training partition held out for validation (stratified, seeded).
+    val_fraction: float = 0.1
+    # Used only for datasets without an official test partition (image_folder).
+    test_fraction: float = 0.1
+    # Cap per split and class, for quick runs; 0 means no cap.
+    max_per_class: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.val_fraction < 0.5, f"{key}.val_fraction", self.val_fraction, "a number in (0, 0.5)")
+        _check(0 < self.test_fraction < 0.5, f"{key}.test_fraction", self.test_fraction, "a number in (0, 0.5)")
+        _check(self.max_per_class >= 0, f"{key}.max_per_class", self.max_per_class, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ExternalClassifier:
+    """A user's own classifier as a TorchScript file; replaces training."""
+    path: str = ""
+    output_index: int = 0
+    input_size: int = 32
+    channels: int = 1
+    value_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])
+    # What the model returns: "probability" (already in [0, 1]) or "logit" (sigmoid applied here).
+    output: str = field(default="probability", metadata=_choices("probability", "logit"))
+
+    def validate(self, key: str) -> None:
+        _check(self.output_index >= 0, f"{key}.output_index", self.output_index, "an integer >= 0")
+        _check(self.channels in (1, 3), f"{key}.channels", self.channels, "1 or 3")
+        _check(len(self.value_range) == 2 and self.value_range[0] < self.value_range[1],
+               f"{key}.value_range", self.value_range, "[low, high] with low < high")
+
+
+@dataclass(frozen=True)
+class Classifier:
+    external: Optional[ExternalClassifier] = None
+    # torchvision DenseNet hyper-parameters (paper: growth 32, blocks 6/12/24/16, init 64).
+    growth_rate: int = 12
+    block_config: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_init_features: int = 16
+    bn_size: int = 4
+    # "small": 3x3 stride-1 stem + 2x2 max-pool, for 32x32 inputs; "imagenet": 7x7/2 + pool.
+    stem: str = field(default="small", metadata=_choices("small", "imagenet"))
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grid_images: int = 16
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 1, f"{key}.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{key}.lr", self.lr, "a number > 0")
+        _check(len(self.block_config) >= 1 and all(b >= 1 for b in self.block_config),
+               f"{key}.block_config", self.block_config, "a non-empty list of integers >= 1")
+
+
+@dataclass(frozen=True)
+class Posteriors:
+    batch_size: int = 256
+
+    def validate(self, key: str) -> None:
+        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Bin:
+    # Calibrated sampling: at most this many images per bin (paper: 5000).
+    per_bin: int = 5000
+    split: str = field(default="train", metadata=_choices("train", "val", "test"))
+
+    def validate(self, key: str) -> None:
+        _check(self.per_bin > 0, f"{key}.per_bin", self.per_bin, "an integer > 0")
+
+
+@dataclass(frozen=True)
+class Explainer:
+    # Generator: input conv to widths[0], one down-sampling residual block per further width;
+    # the decoder mirrors it. Paper at 128x128: [64, 128, 256, 512, 1024, 1024].
+    generator_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    # Discriminator: down-sampling SN residual blocks, then one more block at the last width.
+    # Paper: [64, 128, 256, 512, 1024, 1024].
+    discriminator_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    lambda_gan: float = 1.0
+    lambda_cyc: float = 100.0
+    lambda_cls: float = 1.0
+    # Classifier-consistency target t(c'): bin "centre" (c'+0.5)/N, or "lower" edge c'/N (original code).
+    target: str = field(default="centre", metadata=_choices("centre", "lower"))
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    # G is updated every n_critic-th iteration, D every iteration (paper: 5).
+    n_critic: int = 5
+    batch_size: int = 32
+    steps: int = 100000
+    checkpoint_every: int = 500
+    log_every: int = 50
+    image_every: int = 1000
+    grid_queries: int = 6
+    amp: bool = False
+
+    def validate(self, key: str) -> None:
+        for name in ("generator_widths", "discriminator_widths"):
+            widths = getattr(self, name)
+            _check(len(widths) >= 2 and all(w >= 1 for w in widths), f"{key}.{name}", widths,
+                   "a list of at least two positive integers")
+        for name in ("lambda_gan", "lambda_cyc", "lambda_cls"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "a number >= 0")
+        _check(len(self.betas) == 2, f"{key}.betas", self.betas, "[beta1, beta2]")
+        for name in ("n_critic", "batch_size", "steps", "checkpoint_every", "log_every", "image_every"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Explain:
+    split: str = field(default="test", metadata=_choices("train", "val", "test"))
+    num_queries: int = 200
+    strips: int = 16
+    batch_size: int = 64
+
+    def validate(self, key: str) -> None:
+        _check(self.num_queries >= 1, f"{key}.num_queries", self.num_queries, "an integer >= 1")
+        _check(self.strips >= 0, f"{key}.strips", self.strips, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    base: Base = field(default_factory=Base)
+    prepare: Prepare = field(default_factory=Prepare)
+    classifier: Classifier = field(default_factory=Classifier)
+    posteriors: Posteriors = field(default_factory=Posteriors)
+    bin: Bin = field(default_factory=Bin)
+    explainer: Explainer = field(default_factory=Explainer)
+    explain: Explain = field(default_factory=Explain)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting ints to floats where allowed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} settings, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        converted = _convert(value, hints[name], key)
+        choices = fields[name].metadata.get("choices")
+        if choices and converted not in choices:
+            raise ConfigError(f"{key}: got {converted!r}, allowed values: {', '.join(choices)}")
+        kwargs[name] = converted
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def config_from_dict(raw: dict | None) -> Config:
+    return _build(Config, raw or {}, "")
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file {path} not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for logging parameters."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
