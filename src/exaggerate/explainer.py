@@ -1,0 +1,360 @@
+"""Training the explainer: the conditional GAN of METHOD.md ("Losses"), against a frozen f.
+
+With x' = G(x, c') and x'' = G(x', c_x):
+  D:   lambda_GAN * (E[relu(1 - D(x, c_x))] + E[relu(1 + D(x', c'))])          (hinge)
+  G:   -lambda_GAN * E[D(x', c')]                                              (adversarial)
+       + lambda_cls * (BCE(f(x'), t(c')) + BCE(f(x''), f(x)))                  (classifier consistency)
+       + lambda_cyc * L1(x, x'')                                               (cycle)
+       + lambda_cyc * L2(E(x, c_x), E(x', c_x))                                (embedding consistency)
+D is updated every iteration, G every n_critic-th; f is frozen and only passes gradients to G.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import plots
+from .classifier import BlackBox
+from .config import Base, Config, Explainer as ExplainerParams
+from .datasets import ImageDataset
+from .io import save_figure, save_torch, write_json
+from .networks import Discriminator, Generator
+from .tracking import Tracker
+from .utils import resolve_device, seed_everything
+
+LOSS_NAMES = ("d_hinge", "g_adv", "g_cls", "g_cls_cycle", "g_cycle", "g_embedding", "g_total")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or generator file that does not fit the current settings."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite."""
+
+
+def bin_targets(c: torch.Tensor, num_bins: int, mode: str) -> torch.Tensor:
+    """t(c): the bin centre (c + 0.5) / N, or the original code's lower edge c / N."""
+    return (c.float() + (0.5 if mode == "centre" else 0.0)) / num_bins
+
+
+# ----------------------------------------------------------------------------- signatures
+
+def architecture(base: Base, params: ExplainerParams) -> dict:
+    """Settings a generator's weights depend on; a mismatch makes a checkpoint unusable."""
+    return {"image_size": base.image_size, "channels": base.channels, "num_bins": base.num_bins,
+            "generator_widths": list(params.generator_widths),
+            "discriminator_widths": list(params.discriminator_widths)}
+
+
+def training_signature(base: Base, params: ExplainerParams, inputs_digest: str = "") -> dict:
+    """What a training run depends on: settings (steps and logging cadence excepted, so that a
+    longer run continues a shorter one) and a digest of its inputs (classifier, binned images)."""
+    d = asdict(params)
+    for k in ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries"):
+        d.pop(k)
+    return {**architecture(base, params), **d, "seed": base.seed, "dataset": base.dataset,
+            "target": base.target, "inputs": inputs_digest}
+
+
+def inputs_digest(f: BlackBox, dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray) -> str:
+    """Digest of the training pairs and of f's weights: new inputs never resume old checkpoints."""
+    h = hashlib.sha256()
+    for i, b in zip(indices, bins):
+        h.update(f"{dataset.ids[i]}:{b};".encode())
+    for name, tensor in sorted(f.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_signature(found: dict, expected: dict, source: str) -> None:
+    for key in expected:
+        if found.get(key) != expected[key]:
+            raise CheckpointError(f"{source} was made with {key}={found.get(key)!r}, but the current "
+                                  f"settings say {key}={expected[key]!r}; refusing to load it")
+
+
+def build_networks(base: Base, params: ExplainerParams) -> tuple[Generator, Discriminator]:
+    g = Generator(base.channels, list(params.generator_widths), base.num_bins)
+    d = Discriminator(base.channels, list(params.discriminator_widths), base.num_bins)
+    return g, d
+
+
+def load_generator(path: str | Path, base: Base, params: ExplainerParams) -> Generator:
+    """The trained generator, in eval mode (running batch-norm statistics)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator {path} not found: train the explainer first (dvc repro)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read generator {path}: {exc}") from exc
+    if not isinstance(state, dict) or "architecture" not in state or "generator" not in state:
+        raise CheckpointError(f"{path} is not an exaggerate generator file")
+    check_signature(state["architecture"], architecture(base, params), str(path))
+    g, _ = build_networks(base, params)
+    g.load_state_dict(state["generator"])
+    return g.eval()
+
+
+# ----------------------------------------------------------------------------- data
+
+class PairSampler:
+    """Random (image, source bin) batches from the binned explainer inputs."""
+
+    def __init__(self, dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, batch_size: int,
+                 generator: torch.Generator):
+        self.bins = torch.from_numpy(bins)
+        self.batch_size, self.generator = batch_size, generator
+        self.in_memory = dataset._pixels is not None
+        if self.in_memory:
+            self.images = dataset.images(indices)
+        else:
+            self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.bins), (self.batch_size,), generator=self.generator)
+        if self.in_memory:
+            return self.images[idx], self.bins[idx]
+        return self.dataset.images(self.indices[idx.numpy()]), self.bins[idx]
+
+
+def grid_queries(dataset: ImageDataset, val_indices: np.ndarray, f: BlackBox, count: int, num_bins: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed validation queries for the training grid, spread over the posterior range."""
+    pool = val_indices[: min(len(val_indices), 512)]
+    x = dataset.images(pool)
+    with torch.no_grad():
+        p = f(x.to(device)).cpu()
+    order = torch.argsort(p)
+    picks = order[torch.linspace(0, len(order) - 1, count).round().long()]
+    return x[picks], p[picks]
+
+
+@torch.no_grad()
+def series(g: Generator, x: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """x_0 ... x_{N-1} for each image: one batched generator call, shape (B, N, C, H, W)."""
+    b = x.shape[0]
+    c = torch.arange(num_bins, device=x.device).repeat(b)
+    out = g(x.repeat_interleave(num_bins, dim=0), c)
+    return out.reshape(b, num_bins, *x.shape[1:])
+
+
+def series_figure(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, title: str):
+    was_training = g.training
+    g.eval()
+    with torch.no_grad():
+        s = series(g, x, num_bins)
+        p = f(s.flatten(0, 1)).reshape(s.shape[:2]).cpu()
+        p_query = f(x).cpu()
+    g.train(was_training)
+    grid = torch.cat([x[:, None].cpu(), s.cpu()], dim=1)
+    titles = [[f"query p={pq:.2f}"] + [f"f={v:.2f}" for v in row] for pq, row in zip(p_query, p)]
+    cols = ["query"] + [f"bin {k}" for k in range(num_bins)]
+    return plots.image_grid(grid, titles, col_labels=cols, suptitle=title)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class TrainState:
+    g: Generator
+    d: Discriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sampler_rng: torch.Generator
+    step: int = 0
+
+
+def _checkpoint_dir(root: Path, signature: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
+    return root / digest
+
+
+def save_checkpoint(path: Path, state: TrainState, signature: dict) -> None:
+    save_torch(path, {
+        "signature": signature, "step": state.step,
+        "generator": state.g.state_dict(), "discriminator": state.d.state_dict(),
+        "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
+        "sampler_rng": state.sampler_rng.get_state(), "torch_rng": torch.get_rng_state(),
+    })
+
+
+def load_checkpoint(path: Path, state: TrainState, signature: dict, device: torch.device) -> None:
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    check_signature(ckpt["signature"], signature, str(path))
+    state.g.load_state_dict(ckpt["generator"])
+    state.d.load_state_dict(ckpt["discriminator"])
+    state.opt_g.load_state_dict(ckpt["opt_g"])
+    state.opt_d.load_state_dict(ckpt["opt_d"])
+    state.sampler_rng.set_state(ckpt["sampler_rng"].cpu())
+    torch.set_rng_state(ckpt["torch_rng"].cpu())
+    state.step = ckpt["step"]
+
+
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    found = sorted(folder.glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def _bce(p: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Binary cross-entropy of probabilities; unlike F.binary_cross_entropy it lets a NaN
+    posterior through as a NaN loss (reported with its step) instead of raising."""
+    p = p.clamp(eps, 1 - eps)
+    return -(target * torch.log(p) + (1 - target) * torch.log1p(-p)).mean()
+
+
+def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.Tensor, base: Base,
+                   params: ExplainerParams, autocast: Callable) -> dict[str, float]:
+    """One iteration: a D update, and a G update every n_critic-th iteration."""
+    g, d, n = state.g, state.d, base.num_bins
+    c_new = torch.randint(n, c_x.shape, generator=state.sampler_rng).to(x.device)
+    losses: dict[str, float] = {}
+
+    with autocast():
+        with torch.no_grad():
+            x_fake = g(x, c_new)
+        d_loss = params.lambda_gan * (F.relu(1 - d(x, c_x)).mean() + F.relu(1 + d(x_fake, c_new)).mean())
+    state.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    state.opt_d.step()
+    losses["d_hinge"] = d_loss.item()
+
+    if (state.step + 1) % params.n_critic == 0:
+        with autocast():
+            embed_x = g.encode(x, c_x)
+            x_fake = g(x, c_new)
+            embed_fake = g.encode(x_fake, c_x)
+            x_cycle = g.decode(embed_fake, c_x)
+            with torch.no_grad():
+                p_x = f(x).float()
+            g_adv = -params.lambda_gan * d(x_fake, c_new).mean()
+            p_fake, p_cycle = f(x_fake).float(), f(x_cycle).float()
+            cls = _bce(p_fake, bin_targets(c_new, n, params.target))
+            cls_cycle = _bce(p_cycle, p_x)
+            cycle = (x - x_cycle).abs().mean()
+            embedding = (embed_x - embed_fake).pow(2).mean()
+            total = (g_adv + params.lambda_cls * (cls + cls_cycle)
+                     + params.lambda_cyc * cycle + params.lambda_cyc * embedding)
+        state.opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        state.opt_g.step()
+        losses.update(g_adv=g_adv.item(), g_cls=cls.item(), g_cls_cycle=cls_cycle.item(),
+                      g_cycle=cycle.item(), g_embedding=embedding.item(), g_total=total.item())
+    state.step += 1
+    return losses
+
+
+def train_explainer(cfg: Config, paths: dict, tracker: Tracker = Tracker(),
+                    on_checkpoint: Optional[Callable[[int], None]] = None) -> dict:
+    """The train_explainer stage: resumable GAN training; writes generator.pt and metrics."""
+    from .classifier import load_classifier
+    from .datasets import open_dataset
+    from .posteriors import read_explainer_inputs
+    from .splits import read_splits
+
+    base, params = cfg.base, cfg.explainer
+    out_dir = Path(paths["train_explainer"])
+    device = resolve_device(base.device)
+    dataset = open_dataset(base)
+    splits = read_splits(Path(paths["prepare"]) / "splits.json", dataset)
+    f = load_classifier(paths["train_classifier"], base).to(device)
+    indices, bins = read_explainer_inputs(Path(paths["bin"]) / "explainer_inputs.csv", dataset, base.num_bins)
+    return fit(dataset, indices, bins, splits["val"], f, base, params, out_dir, tracker, on_checkpoint)
+
+
+def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indices: np.ndarray, f: BlackBox,
+        base: Base, params: ExplainerParams, out_dir: Path, tracker: Tracker = Tracker(),
+        on_checkpoint: Optional[Callable[[int], None]] = None) -> dict:
+    device = resolve_device(base.device)
+    seed_everything(base.seed)
+    g, d = build_networks(base, params)
+    g, d = g.to(device), d.to(device)
+    state = TrainState(
+        g=g, d=d,
+        opt_g=torch.optim.Adam(g.parameters(), lr=params.lr_g, betas=tuple(params.betas)),
+        opt_d=torch.optim.Adam(d.parameters(), lr=params.lr_d, betas=tuple(params.betas)),
+        sampler_rng=torch.Generator().manual_seed(base.seed))
+    signature = training_signature(base, params, inputs_digest(f, dataset, indices, bins))
+    ckpt_dir = _checkpoint_dir(out_dir / "checkpoints", signature)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / "signature.json").write_text(json.dumps(signature, indent=2, sort_keys=True))
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        load_checkpoint(last, state, signature, device)
+        print(f"resuming explainer training at step {state.step} from {last}")
+
+    use_amp = params.amp and device.type == "cuda"
+    if params.amp and not use_amp:
+        print("explainer.amp is set but there is no CUDA device: training in float32")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    sampler = PairSampler(dataset, indices, bins, params.batch_size, state.sampler_rng)
+    x_grid, _ = grid_queries(dataset, val_indices, f, params.grid_queries, base.num_bins, device)
+    x_grid = x_grid.to(device)
+
+    window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}
+    last_good = last
+    start_time, start_step = time.time(), state.step
+    g.train()
+    d.train()
+    bar = tqdm(total=params.steps, initial=state.step, desc="explainer", mininterval=1.0)
+    while state.step < params.steps:
+        x, c_x = sampler.sample()
+        losses = explainer_step(state, f, x.to(device), c_x.to(device), base, params, autocast)
+        for k, v in losses.items():
+            if not np.isfinite(v):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingDiverged(f"loss {k} became {v} at step {state.step}; {where}")
+            window[k].append(v)
+        bar.update(1)
+        step = state.step
+        if step % params.log_every == 0 or step == params.steps:
+            means = {k: float(np.mean(v)) for k, v in window.items() if v}
+            tracker.metrics(means, step=step)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in ("d_hinge", "g_cls", "g_cycle")})
+            window = {k: [] for k in LOSS_NAMES}
+        if step % params.checkpoint_every == 0 or step == params.steps:
+            path = ckpt_dir / f"step-{step:08d}.pt"
+            save_checkpoint(path, state, signature)
+            for old in sorted(ckpt_dir.glob("step-*.pt"))[:-2]:
+                old.unlink()
+            last_good = path
+            if on_checkpoint:
+                on_checkpoint(step)
+        if step % params.image_every == 0 or step == params.steps:
+            fig = series_figure(g, f, x_grid, base.num_bins, f"explainer series at step {step}")
+            tracker.figure(fig, f"series/step_{step:08d}.png")
+            plots.close(fig)
+    bar.close()
+    elapsed = time.time() - start_time
+    steps_run = state.step - start_step
+    g.eval()
+    save_torch(out_dir / "generator.pt", {"architecture": architecture(base, params), "generator": g.state_dict()})
+    fig = series_figure(g, f, x_grid, base.num_bins, f"explainer series after {state.step} steps")
+    save_figure(out_dir / "series_grid.png", fig)
+    plots.close(fig)
+    metrics = {"steps": state.step, "steps_this_run": steps_run,
+               "seconds_per_step": elapsed / steps_run if steps_run else None,
+               "training_images": int(len(indices))}
+    write_json(out_dir / "metrics.json", metrics)
+    tracker.artifact(out_dir / "generator.pt")
+    tracker.artifact(out_dir / "series_grid.png")
+    print(f"explainer: {state.step} steps, {metrics['seconds_per_step'] or 0:.3f} s/step this run")
+    return metrics

@@ -1,0 +1,142 @@
+"""Generator and discriminator of the explainer (METHOD.md, "Networks").
+
+G(x, c): residual encoder-decoder without skip connections; every residual block uses
+conditional batch norm (one gamma/beta pair per posterior bin c). The encoder output is
+the embedding E(x, c) used by the embedding-consistency loss.
+
+D(x, c): spectral-normalised residual blocks, global sum pooling to phi(x), an SN linear
+output plus the ordinal projection sum_{l <= c} <v_l, phi(x)> (one vector per level).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without its own affine part, then gamma[c], beta[c] of the image's bin."""
+
+    def __init__(self, channels: int, num_bins: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.gamma = nn.Embedding(num_bins, channels)
+        self.beta = nn.Embedding(num_bins, channels)
+        nn.init.ones_(self.gamma.weight)
+        nn.init.zeros_(self.beta.weight)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) * self.gamma(c)[:, :, None, None] + self.beta(c)[:, :, None, None]
+
+
+class GeneratorBlock(nn.Module):
+    """CBN-ReLU-conv3x3-CBN-ReLU-conv3x3 with a resampled 1x1-conv shortcut.
+    resample: "down" (2x2 average pooling), "up" (nearest-neighbour x2) or None."""
+
+    def __init__(self, c_in: int, c_out: int, num_bins: int, resample: str | None):
+        super().__init__()
+        self.resample = resample
+        self.bn1 = ConditionalBatchNorm2d(c_in, num_bins)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.bn2 = ConditionalBatchNorm2d(c_out, num_bins)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if (c_in != c_out or resample) else None
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        return x
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(x, c))
+        if self.resample == "up":
+            h = self._resample(h)
+        h = self.conv1(h)
+        h = self.conv2(F.relu(self.bn2(h, c)))
+        if self.resample == "down":
+            h = self._resample(h)
+        skip = self._resample(x)
+        if self.shortcut is not None:
+            skip = self.shortcut(skip)
+        return h + skip
+
+
+class Generator(nn.Module):
+    def __init__(self, channels: int, widths: list[int], num_bins: int):
+        super().__init__()
+        self.num_bins = num_bins
+        self.stem = nn.Conv2d(channels, widths[0], 3, 1, 1)
+        self.encoder = nn.ModuleList(
+            GeneratorBlock(widths[i], widths[i + 1], num_bins, "down") for i in range(len(widths) - 1))
+        self.decoder = nn.ModuleList(
+            GeneratorBlock(widths[i + 1], widths[i], num_bins, "up") for i in reversed(range(len(widths) - 1)))
+        self.out_bn = nn.BatchNorm2d(widths[0])
+        self.out_conv = nn.Conv2d(widths[0], channels, 3, 1, 1)
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The embedding E(x, c)."""
+        h = self.stem(x)
+        for block in self.encoder:
+            h = block(h, c)
+        return h
+
+    def decode(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        for block in self.decoder:
+            h = block(h, c)
+        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x, c), c)
+
+
+class DiscriminatorBlock(nn.Module):
+    """SN residual block; the first block applies no ReLU to its raw-image input."""
+
+    def __init__(self, c_in: int, c_out: int, down: bool, first: bool = False):
+        super().__init__()
+        self.down, self.first = down, first
+        self.conv1 = spectral_norm(nn.Conv2d(c_in, c_out, 3, 1, 1))
+        self.conv2 = spectral_norm(nn.Conv2d(c_out, c_out, 3, 1, 1))
+        self.shortcut = spectral_norm(nn.Conv2d(c_in, c_out, 1)) if (c_in != c_out or down) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.first else F.relu(x)
+        h = self.conv2(F.relu(self.conv1(h)))
+        if self.down:
+            h = F.avg_pool2d(h, 2)
+        skip = x
+        if self.shortcut is not None:
+            if self.first:  # pool first on raw pixels (as SNGAN's optimised first block)
+                skip = self.shortcut(F.avg_pool2d(skip, 2) if self.down else skip)
+            else:
+                skip = self.shortcut(skip)
+                skip = F.avg_pool2d(skip, 2) if self.down else skip
+        return h + skip
+
+
+class Discriminator(nn.Module):
+    def __init__(self, channels: int, widths: list[int], num_bins: int):
+        super().__init__()
+        self.num_bins = num_bins
+        blocks, c_in = [], channels
+        for i, w in enumerate(widths):
+            blocks.append(DiscriminatorBlock(c_in, w, down=i < len(widths) - 1, first=i == 0))
+            c_in = w
+        self.blocks = nn.Sequential(*blocks)
+        self.linear = spectral_norm(nn.Linear(c_in, 1))
+        # Ordinal projection: one vector v_l per level l = 1..N-1 (rows of this matrix).
+        self.levels = spectral_norm(nn.Linear(c_in, num_bins - 1, bias=False))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x): ReLU, then global sum pooling."""
+        return F.relu(self.blocks(x)).sum(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        phi = self.features(x)
+        # Thermometer code of c: levels 1..c are set.
+        levels = torch.arange(1, self.num_bins, device=c.device)
+        thermometer = (levels[None, :] <= c[:, None]).to(phi.dtype)
+        return self.linear(phi).squeeze(1) + (self.levels(phi) * thermometer).sum(1)

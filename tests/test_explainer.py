@@ -1,0 +1,150 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from exaggerate.classifier import BlackBox, train_classifier, load_classifier
+from exaggerate.config import Base
+from exaggerate.explainer import (CheckpointError, TrainingDiverged, architecture, bin_targets, build_networks,
+                                  fit, load_generator, series)
+from exaggerate.networks import Discriminator, Generator
+from exaggerate.posteriors import bin_index
+from helpers import TINY_CLASSIFIER, TINY_EXPLAINER, dataset_and_splits
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, fashion_root):
+    base = Base(data_root=str(fashion_root))
+    ds, splits = dataset_and_splits(base)
+    clf_dir = tmp_path_factory.mktemp("clf")
+    train_classifier(ds, splits, base, TINY_CLASSIFIER, clf_dir)
+    f = load_classifier(clf_dir, base)
+    with torch.no_grad():
+        p = f(ds.images(splits["train"])).numpy()
+    return base, ds, splits, f, splits["train"], bin_index(p, base.num_bins)
+
+
+def test_generator_shapes_and_embedding():
+    g = Generator(3, [16, 32, 64, 64], num_bins=10)
+    x = torch.randn(4, 3, 64, 64)
+    c = torch.tensor([0, 3, 6, 9])
+    e = g.encode(x, c)
+    assert e.shape == (4, 64, 8, 8)
+    out = g(x, c)
+    assert out.shape == x.shape and out.abs().max() <= 1
+
+
+def test_paper_generator_reaches_4x4_embedding():
+    g = Generator(3, [64, 128, 256, 512, 1024, 1024], num_bins=10)
+    with torch.no_grad():
+        e = g.eval().encode(torch.zeros(1, 3, 128, 128), torch.tensor([2]))
+    assert e.shape == (1, 1024, 4, 4)
+
+
+def test_conditional_norm_makes_output_depend_on_bin():
+    torch.manual_seed(0)
+    g = Generator(1, [8, 16], num_bins=4)
+    for m in g.modules():
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight)
+    g.eval()
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert not torch.allclose(g(x, torch.tensor([0])), g(x, torch.tensor([3])))
+
+
+def test_discriminator_ordinal_projection_sums_levels():
+    torch.manual_seed(0)
+    d = Discriminator(1, [8, 16], num_bins=5).eval()
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        phi = d.features(x)
+        v = d.levels.weight  # (N-1, C): one vector per level
+        outs = [d(x, torch.tensor([c])).item() for c in range(5)]
+        base = d.linear(phi).item()
+    assert outs[0] == pytest.approx(base, abs=1e-5)  # c = 0: no level set
+    for c in range(1, 5):  # D(x, c) - D(x, c-1) = <v_c, phi>
+        assert outs[c] - outs[c - 1] == pytest.approx(float(v[c - 1] @ phi[0]), abs=1e-4)
+
+
+def test_bin_targets():
+    c = torch.tensor([0, 4, 9])
+    assert torch.allclose(bin_targets(c, 10, "centre"), torch.tensor([0.05, 0.45, 0.95]))
+    assert torch.allclose(bin_targets(c, 10, "lower"), torch.tensor([0.0, 0.4, 0.9]))
+
+
+def test_explanation_does_not_depend_on_batch():
+    torch.manual_seed(0)
+    g, _ = build_networks(Base(), TINY_EXPLAINER)
+    g.train()
+    with torch.no_grad():  # put some non-trivial running statistics in place
+        for _ in range(3):
+            g(torch.randn(8, 1, 32, 32), torch.randint(10, (8,)))
+    g.eval()
+    x = torch.randn(5, 1, 32, 32)
+    alone = series(g, x[2:3], 10)
+    batch = series(g, x, 10)
+    assert torch.allclose(alone[0], batch[2], atol=1e-5)
+
+
+def test_fit_writes_generator_and_resumes(setup, tmp_path, capsys):
+    base, ds, splits, f, idx, bins = setup
+    m = fit(ds, idx, bins, splits["val"], f, base, TINY_EXPLAINER, tmp_path)
+    assert m["steps"] == 4
+    assert (tmp_path / "generator.pt").is_file() and (tmp_path / "series_grid.png").is_file()
+    ckpts = sorted((tmp_path / "checkpoints").glob("*/step-*.pt"))
+    assert [p.name for p in ckpts] == ["step-00000002.pt", "step-00000004.pt"]
+    g1 = load_generator(tmp_path / "generator.pt", base, TINY_EXPLAINER)
+
+    # More steps continue from the last checkpoint instead of starting over.
+    longer = dataclasses.replace(TINY_EXPLAINER, steps=6)
+    m = fit(ds, idx, bins, splits["val"], f, base, longer, tmp_path)
+    assert "resuming explainer training at step 4" in capsys.readouterr().out
+    assert m["steps"] == 6 and m["steps_this_run"] == 2
+
+    # Resuming reproduces an uninterrupted run bit for bit.
+    fresh = tmp_path / "fresh"
+    fit(ds, idx, bins, splits["val"], f, base, longer, fresh)
+    a = torch.load(tmp_path / "generator.pt", weights_only=True)["generator"]
+    b = torch.load(fresh / "generator.pt", weights_only=True)["generator"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in g1.state_dict().items())
+
+
+def test_generator_from_other_settings_is_refused(setup, tmp_path):
+    base, ds, splits, f, idx, bins = setup
+    fit(ds, idx, bins, splits["val"], f, base, TINY_EXPLAINER, tmp_path)
+    wider = dataclasses.replace(TINY_EXPLAINER, generator_widths=[16, 32])
+    with pytest.raises(CheckpointError, match=r"generator_widths=\[8, 16\].*generator_widths=\[16, 32\]"):
+        load_generator(tmp_path / "generator.pt", base, wider)
+    with pytest.raises(CheckpointError, match="num_bins=10.*num_bins=5"):
+        load_generator(tmp_path / "generator.pt", dataclasses.replace(base, num_bins=5), TINY_EXPLAINER)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="cannot read generator"):
+        load_generator(tmp_path / "junk.pt", base, TINY_EXPLAINER)
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(setup, tmp_path):
+    base, ds, splits, f, idx, bins = setup
+
+    class Poisoned(nn.Module):
+        """f that turns NaN once training has run a few steps."""
+        calls = 0
+
+        def forward(self, x):
+            Poisoned.calls += 1
+            out = f.outputs(x)[:, :1]
+            return out * float("nan") if Poisoned.calls > 12 else out
+
+    bad = BlackBox(Poisoned(), ["Ankle boot"], 32, 1, output="probability")
+    params = dataclasses.replace(TINY_EXPLAINER, steps=50)
+    with pytest.raises(TrainingDiverged, match=r"loss g_cls\w* became nan at step \d+; the last good checkpoint is .*step-0000000\d.pt"):
+        fit(ds, idx, bins, splits["val"], bad, base, params, tmp_path)
+
+
+def test_architecture_records_what_weights_depend_on():
+    arch = architecture(Base(), TINY_EXPLAINER)
+    assert arch == {"image_size": 32, "channels": 1, "num_bins": 10, "generator_widths": [8, 16],
+                    "discriminator_widths": [8, 16]}

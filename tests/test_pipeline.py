@@ -1,0 +1,272 @@
+"""End to end: the real DVC pipeline on a tiny fake Fashion-MNIST, MLflow runs, an S3 remote
+(moto's server on 127.0.0.1), killing and resuming training, and the notebooks."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fakes import make_fashion
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "base": {"threads": 1},
+    "classifier": {"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8, "epochs": 1,
+                   "batch_size": 32, "grid_images": 4},
+    "bin": {"per_bin": 60},
+    "explainer": {"generator_widths": [8, 16], "discriminator_widths": [8, 16], "n_critic": 1, "batch_size": 8,
+                  "steps": 6, "checkpoint_every": 2, "log_every": 2, "image_every": 3, "grid_queries": 2},
+    "explain": {"num_queries": 12, "strips": 2, "batch_size": 8},
+}
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    return params
+
+
+def run(cmd, cwd, env, check=True, **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w]+)'", output))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    e["DVC_NO_ANALYTICS"] = "1"
+    e["GIT_AUTHOR_NAME"] = e["GIT_COMMITTER_NAME"] = "test"
+    e["GIT_AUTHOR_EMAIL"] = e["GIT_COMMITTER_EMAIL"] = "test@example.invalid"
+    return e
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, env) -> Path:
+    """A git + DVC project laid out like this repository, with tiny params and fake data."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", ".dvcignore", "src", "notebooks"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    (root / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    shutil.copy(REPO / ".dvc" / ".gitignore", root / ".dvc" / ".gitignore")
+    (root / ".gitignore").write_text("mlflow.db\n__pycache__/\n")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    make_fashion(root / "data" / "fashion-mnist")
+    run(["git", "init", "-q", "-b", "main"], root, env)
+    run(["dvc", "add", "-q", "data"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny project"], root, env)
+    out = run(["dvc", "repro"], root, env)
+    assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain"}
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "pipeline run"], root, env)
+    return root
+
+
+def test_pipeline_outputs(project):
+    for path in ("outputs/prepare/splits.json", "outputs/classifier/model.pt", "outputs/classifier/metrics.json",
+                 "outputs/posteriors/posteriors.csv", "outputs/bin/explainer_inputs.csv",
+                 "outputs/bin/reliability.png", "outputs/explainer/generator.pt",
+                 "outputs/explainer/series_grid.png", "outputs/explain/series.npz",
+                 "outputs/explain/series.json", "outputs/explain/metrics.json", "outputs/explain/series_grid.png"):
+        assert (project / path).is_file(), path
+    assert len(list((project / "outputs/explain/strips").glob("*.png"))) == 2
+    import json
+    m = json.loads((project / "outputs/explain/metrics.json").read_text())
+    assert m["queries"] == 12 and 0 <= m["compatibility_mae"] <= 1
+
+
+def test_second_repro_does_nothing(project, env):
+    out = run(["dvc", "repro"], project, env)
+    assert ran_stages(out.stdout) == set()
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
+
+
+def test_metrics_show_lists_stage_metrics(project, env):
+    out = run(["dvc", "metrics", "show"], project, env).stdout
+    assert "outputs/classifier/metrics.json" in out and "compatibility_mae" in out
+
+
+def test_mlflow_runs_are_recorded(project, env):
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["exaggerate-classifier", "exaggerate-explainer"],
+                              output_format="list")
+    stages = {r.data.tags["dvc_stage"] for r in runs}
+    assert stages >= {"train_classifier", "posteriors", "bin", "train_explainer", "explain"}
+    clf = next(r for r in runs if r.data.tags["dvc_stage"] == "train_classifier")
+    assert {"train_loss", "val_loss", "val_roc_auc", "test_roc_auc", "test_brier"} <= set(clf.data.metrics)
+    assert clf.data.params["classifier.epochs"] == "1"
+    assert len(clf.data.tags["git_commit"]) >= 40
+    client = mlflow.MlflowClient()
+    assert {"reliability.png", "val_grid.png", "params.yaml"} <= {a.path for a in client.list_artifacts(clf.info.run_id)}
+    gan = next(r for r in runs if r.data.tags["dvc_stage"] == "train_explainer")
+    assert {"d_hinge", "g_adv", "g_cls", "g_cycle", "g_embedding"} <= set(gan.data.metrics)
+    series = {a.path for a in client.list_artifacts(gan.info.run_id, "series")}
+    assert "series/step_00000003.png" in series and "series/step_00000006.png" in series
+
+
+def test_changing_one_stage_parameter_reruns_it_and_descendants_only(project, env, tmp_path):
+    work = tmp_path / "work"
+    run(["git", "clone", "-q", str(project), str(work)], tmp_path, env)
+    shutil.copytree(project / ".dvc" / "cache", work / ".dvc" / "cache")
+    run(["dvc", "checkout", "-q"], work, env)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["bin"]["per_bin"] = 40
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], work, env)
+    assert ran_stages(out.stdout) == {"bin", "train_explainer", "explain"}
+
+
+@pytest.fixture
+def s3_server(env):
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_s3_push_pull_round_trip(project, env, s3_server, tmp_path):
+    import boto3
+
+    s3env = {**env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="exaggerate")
+    src = tmp_path / "src"
+    run(["git", "clone", "-q", str(project), str(src)], tmp_path, env)
+    shutil.copytree(project / ".dvc" / "cache", src / ".dvc" / "cache")
+    run(["dvc", "checkout", "-q"], src, env)
+    run(["dvc", "remote", "add", "-d", "store", "s3://exaggerate/cache"], src, env)
+    run(["dvc", "remote", "modify", "store", "endpointurl", s3_server], src, env)
+    run(["git", "commit", "-qam", "remote"], src, env)
+    run(["dvc", "push"], src, s3env)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(src), str(clone)], tmp_path, env)
+    assert not (clone / "outputs" / "explainer" / "generator.pt").exists()
+    run(["dvc", "pull"], clone, s3env)
+    tracked = [p.relative_to(src) for p in (src / "outputs").rglob("*") if p.is_file()]
+    tracked += [p.relative_to(src) for p in (src / "data").rglob("*") if p.is_file()]
+    assert len(tracked) > 15
+    for rel in tracked:
+        if "checkpoints" in rel.parts:
+            continue  # persistent training state is cached, but only the last run's is pulled
+        assert (clone / rel).read_bytes() == (src / rel).read_bytes(), rel
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env).stdout
+
+
+def test_killed_training_resumes_from_last_checkpoint(project, env, tmp_path):
+    work = tmp_path / "kill"
+    shutil.copytree(project, work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["explainer"].update(steps=100000, checkpoint_every=3, image_every=100000, log_every=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.Popen([str(BIN / "exaggerate"), "stage", "train_explainer"], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = lambda: sorted(work.glob("outputs/explainer/checkpoints/*/step-*.pt"))  # noqa: E731
+    original = set(ckpts())
+    deadline = time.time() + 240
+    while time.time() < deadline and not (set(ckpts()) - original and max(ckpts()).name > "step-00000012.pt"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    import torch
+
+    last = max(ckpts())
+    step = torch.load(last, weights_only=True)["step"]
+    assert step >= 12
+    params["explainer"]["steps"] = step + 3
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "exaggerate"), "stage", "train_explainer"], work, env)
+    assert f"resuming explainer training at step {step}" in out.stdout
+    import json
+    assert json.loads((work / "outputs/explainer/metrics.json").read_text())["steps"] == step + 3
+
+
+def test_explain_command_on_user_files(project, env, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    boot = np.zeros((60, 60), dtype=np.uint8)
+    boot[10:50, 12:34] = 210
+    boot[38:50, 12:50] = 220
+    Image.fromarray(boot).save(tmp_path / "my boot.png")
+    Image.fromarray(np.stack([boot] * 3, -1)).convert("RGB").save(tmp_path / "colour.jpg")
+    out = run([str(BIN / "exaggerate"), "explain", str(tmp_path / "my boot.png"), "--out", str(tmp_path / "out")],
+              project, env)
+    assert "p=" in out.stdout
+    import json
+    res = json.loads((tmp_path / "out" / "posteriors.json").read_text())
+    assert len(res["images"][0]["p_series"]) == 10
+    assert (tmp_path / "out" / "my_boot_series.png").stat().st_size > 1000
+
+    bad = run([str(BIN / "exaggerate"), "explain", str(tmp_path / "colour.jpg"), "--out", str(tmp_path / "o2")],
+              project, env, check=False)
+    assert bad.returncode == 2 and "colour.jpg: image has 3 channels" in bad.stderr and "--convert" in bad.stderr
+    assert not (tmp_path / "o2").exists()
+    ok = run([str(BIN / "exaggerate"), "explain", str(tmp_path / "colour.jpg"), "--convert", "--out",
+              str(tmp_path / "o2")], project, env)
+    assert ok.returncode == 0
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    bad = run([str(BIN / "exaggerate"), "explain", str(tmp_path / "broken.png"), "--out", str(tmp_path / "o3")],
+              project, env, check=False)
+    assert bad.returncode == 2 and f"cannot read image {tmp_path / 'broken.png'}" in bad.stderr
+    Image.fromarray(boot[:5, :5]).save(tmp_path / "tiny.png")
+    bad = run([str(BIN / "exaggerate"), "explain", str(tmp_path / "tiny.png"), "--out", str(tmp_path / "o4")],
+              project, env, check=False)
+    assert bad.returncode == 2 and "tiny.png: image is 5x5 pixels" in bad.stderr
+
+
+def test_notebooks_execute_against_the_run(project, env):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebooks = sorted((REPO / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(project)}}).execute()
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+        assert not errors, path

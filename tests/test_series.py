@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+from PIL import Image
+
+from exaggerate.classifier import BlackBox
+from exaggerate.datasets import DatasetError
+from exaggerate.posteriors import bin_centre
+from exaggerate.series import explain_batch, series_metrics
+
+
+class _IdentityGenerator(nn.Module):
+    """G(x, c) writes the target posterior into the image: a perfect generator for f = mean pixel."""
+
+    def forward(self, x, c):
+        return torch.full_like(x, 0.0) + ((c.float() + 0.5) / 10 * 2 - 1)[:, None, None, None]
+
+
+def _mean_pixel_f():
+    class M(nn.Module):
+        def forward(self, x):
+            return ((x.mean(dim=(1, 2, 3)) + 1) / 2)[:, None]
+    return BlackBox(M(), ["t"], 8, 1, output="probability")
+
+
+def test_perfect_generator_scores_perfectly():
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    out = explain_batch(_IdentityGenerator(), _mean_pixel_f(), x, 10)
+    assert out["series"].shape == (3, 10, 1, 8, 8)
+    assert torch.allclose(out["p_series"], torch.from_numpy(bin_centre(np.arange(10), 10)).float().expand(3, -1), atol=1e-6)
+    m = series_metrics(out["p_series"].numpy(), x.numpy(), x.numpy())
+    assert m["compatibility_mae"] == pytest.approx(0, abs=1e-6)
+    assert m["compatibility_corr"] == pytest.approx(1)
+    assert m["monotonic_share"] == 1 and m["reconstruction_l1"] == 0
+
+
+def test_metrics_of_a_broken_series():
+    p = np.array([[0.9, 0.8, 0.1], [0.1, 0.5, 0.9]])  # first falls: not monotonic
+    q = np.zeros((2, 1, 2, 2))
+    m = series_metrics(p, q, q + 0.5)
+    centres = bin_centre(np.arange(3), 3)
+    assert m["compatibility_mae"] == pytest.approx(np.abs(p - centres).mean())
+    assert m["monotonic_share"] == 0.5
+    assert m["reconstruction_l1"] == pytest.approx(0.5)
