@@ -35,12 +35,14 @@ def test_calibrated_sample_keeps_positive_share_in_bin_range():
 
 
 def test_short_and_empty_bins_are_reported():
-    p = np.array([0.05] * 30 + [0.95] * 30 + [0.55] * 4)
-    y = np.array([0] * 30 + [1] * 30 + [1, 0, 1, 0])
+    p = np.array([0.05] * 30 + [0.95] * 30 + [0.55] * 4 + [0.75] * 3)
+    y = np.array([0] * 30 + [1] * 30 + [1, 0, 1, 0] + [0, 0, 1])
     chosen, report = calibrated_sample(p, y, 10, 20, np.random.default_rng(0))
     assert report[0]["selected"] == 20 and not report[0]["short"]
     assert report[3]["selected"] == 0 and report[3]["short"]
-    assert report[5]["selected"] == 2 and report[5]["selected_positives"] == 1  # share 0.5 in [0.5, 0.6]
+    assert report[5]["selected"] == 4 and report[5]["selected_positives"] == 2  # share 0.5 in [0.5, 0.6]
+    # bin 7 needs a positive share in [0.7, 0.8]: of 1 positive and 2 negatives only the positive fits
+    assert report[7]["selected"] == 1 and report[7]["selected_positives"] == 1
 
 
 @pytest.mark.parametrize("bins,per_bin,msg", [(1, 10, "num_bins must be >= 2"), (10, 0, "per_bin must be > 0")])
