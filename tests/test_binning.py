@@ -41,8 +41,8 @@ def test_short_and_empty_bins_are_reported():
     assert report[0]["selected"] == 20 and not report[0]["short"]
     assert report[3]["selected"] == 0 and report[3]["short"]
     assert report[5]["selected"] == 4 and report[5]["selected_positives"] == 2  # share 0.5 in [0.5, 0.6]
-    # bin 7 needs a positive share in [0.7, 0.8]: of 1 positive and 2 negatives only the positive fits
-    assert report[7]["selected"] == 1 and report[7]["selected_positives"] == 1
+    # bin 7 needs a positive share in [0.7, 0.8]: no subset of 1 positive and 2 negatives has one
+    assert report[7]["available"] == 3 and report[7]["selected"] == 0 and report[7]["short"]
 
 
 @pytest.mark.parametrize("bins,per_bin,msg", [(1, 10, "num_bins must be >= 2"), (10, 0, "per_bin must be > 0")])
