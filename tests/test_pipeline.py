@@ -29,6 +29,8 @@ TINY = {
     "explainer": {"generator_widths": [8, 16], "discriminator_widths": [8, 16], "n_critic": 1, "batch_size": 8,
                   "steps": 6, "checkpoint_every": 2, "log_every": 2, "image_every": 3, "grid_queries": 2},
     "explain": {"num_queries": 12, "strips": 2, "batch_size": 8},
+    "oracle": {"widths": [8, 16], "feature_dim": 16, "epochs": 1, "batch_size": 64, "max_train": 200},
+    "evaluate": {"baseline_queries": 6, "baseline_steps": 20, "cout_steps": 5, "batch_size": 6},
 }
 
 
@@ -85,7 +87,8 @@ def project(tmp_path_factory, env) -> Path:
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny project"], root, env)
     out = run(["dvc", "repro"], root, env)
-    assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain"}
+    assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain",
+                                      "train_oracle", "evaluate"}
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "pipeline run"], root, env)
     return root
@@ -119,10 +122,11 @@ def test_mlflow_runs_are_recorded(project, env):
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["exaggerate-classifier", "exaggerate-explainer"],
-                              output_format="list")
+    runs = mlflow.search_runs(experiment_names=["exaggerate-classifier", "exaggerate-explainer",
+                                                "exaggerate-evaluation"], output_format="list")
     stages = {r.data.tags["dvc_stage"] for r in runs}
-    assert stages >= {"train_classifier", "posteriors", "bin", "train_explainer", "explain"}
+    assert stages >= {"train_classifier", "posteriors", "bin", "train_explainer", "explain", "train_oracle",
+                      "evaluate"}
     clf = next(r for r in runs if r.data.tags["dvc_stage"] == "train_classifier")
     assert {"train_loss", "val_loss", "val_roc_auc", "test_roc_auc", "test_brier"} <= set(clf.data.metrics)
     assert clf.data.params["classifier.epochs"] == "1"
@@ -133,6 +137,22 @@ def test_mlflow_runs_are_recorded(project, env):
     assert {"d_hinge", "g_adv", "g_cls", "g_cycle", "g_embedding"} <= set(gan.data.metrics)
     series = {a.path for a in client.list_artifacts(gan.info.run_id, "series")}
     assert "series/step_00000003.png" in series and "series/step_00000006.png" in series
+    ev = next(r for r in runs if r.data.tags["dvc_stage"] == "evaluate")
+    assert {"explainer_compatibility_mae", "baseline_compatibility_mae", "speedup"} <= set(ev.data.metrics)
+    assert {"results.md", "compatibility.png", "series_comparison.png"} <= {
+        a.path for a in client.list_artifacts(ev.info.run_id)}
+
+
+def test_evaluation_outputs(project):
+    import json
+    m = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    for method in ("explainer", "baseline"):
+        assert 0 <= m[method]["compatibility_mae"] <= 1 and 0 <= m[method]["flip_rate"] <= 1
+        assert m[method]["seconds_per_series"] > 0
+    assert m["speedup_explainer_vs_baseline"] > 1
+    assert "fva" in m["absent"] and "mnac" in m["absent"]
+    table = (project / "outputs/evaluate/results.md").read_text()
+    assert "| flip rate" in table and "baseline (6 queries)" in table
 
 
 def test_changing_one_stage_parameter_reruns_it_and_descendants_only(project, env, tmp_path):
@@ -144,7 +164,7 @@ def test_changing_one_stage_parameter_reruns_it_and_descendants_only(project, en
     params["bin"]["per_bin"] = 40
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], work, env)
-    assert ran_stages(out.stdout) == {"bin", "train_explainer", "explain"}
+    assert ran_stages(out.stdout) == {"bin", "train_explainer", "explain", "evaluate"}
 
 
 @pytest.fixture
@@ -270,3 +290,34 @@ def test_notebooks_execute_against_the_run(project, env):
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(project)}}).execute()
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors, path
+
+
+def test_evaluation_refuses_mismatched_runs(project, monkeypatch):
+    import dataclasses
+
+    import torch
+    import torch.nn as nn
+
+    from exaggerate.classifier import BlackBox, load_classifier
+    from exaggerate.config import load_config
+    from exaggerate.datasets import open_dataset
+    from exaggerate.evaluate import EvaluationError, load_series
+
+    monkeypatch.chdir(project)
+    cfg = load_config("params.yaml")
+    ds = open_dataset(cfg.base)
+    f = load_classifier("outputs/classifier", cfg.base)
+    path = project / "outputs/explain/series.npz"
+    data = load_series(path, ds, f, cfg.base.num_bins, cfg.base.image_size, torch.device("cpu"))
+    assert len(data["ids"]) == 12
+
+    class Other(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 1), 0.5)
+    with pytest.raises(EvaluationError, match="made with another classifier"):
+        load_series(path, ds, BlackBox(Other(), ["t"], 32, 1, output="probability"), 10, 32, torch.device("cpu"))
+    with pytest.raises(EvaluationError, match="series of 10 bins but base.num_bins is 5"):
+        load_series(path, ds, f, 5, 32, torch.device("cpu"))
+    other_task = open_dataset(dataclasses.replace(cfg.base, target="Sandal", negatives=["Sneaker"]))
+    with pytest.raises(EvaluationError, match="query ids do not match the dataset"):
+        load_series(path, other_task, f, 10, 32, torch.device("cpu"))

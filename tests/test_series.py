@@ -1,14 +1,10 @@
-import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import yaml
-from PIL import Image
 
 from exaggerate.classifier import BlackBox
-from exaggerate.datasets import DatasetError
 from exaggerate.posteriors import bin_centre
 from exaggerate.series import explain_batch, series_metrics
 

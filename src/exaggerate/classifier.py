@@ -113,7 +113,7 @@ def classification_metrics(p: np.ndarray, y: np.ndarray, num_bins: int = 10) -> 
 def predict(f: nn.Module, loader, device: torch.device, progress: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """All outputs (N, K) and labels (N, L) of a loader of (image, labels)."""
     outs, labels = [], []
-    for x, y in tqdm(loader, desc=progress, disable=progress is None, leave=False):
+    for x, y in tqdm(loader, desc=progress, disable=progress is None, leave=False, mininterval=1.0):
         outs.append(f(x.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(outs).numpy(), torch.cat(labels).numpy()
@@ -159,7 +159,7 @@ def train_classifier(dataset: ImageDataset, splits: dict[str, np.ndarray], base:
         loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
         model.train()
         total, count = 0.0, 0
-        bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False)
+        bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=1.0)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             loss = F.binary_cross_entropy_with_logits(model(x), y)

@@ -180,6 +180,45 @@ class Explain:
 
 
 @dataclass(frozen=True)
+class Oracle:
+    """The independent classifier of all classes/attributes (its features are fid_oracle's space)."""
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    feature_dim: int = 128
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    # Cap on training images, for quick runs; 0 means all.
+    max_train: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(len(self.widths) >= 1 and all(w >= 1 for w in self.widths), f"{key}.widths", self.widths,
+               "a non-empty list of positive integers")
+        _check(self.feature_dim >= 2, f"{key}.feature_dim", self.feature_dim, "an integer >= 2")
+        _check(self.epochs >= 1, f"{key}.epochs", self.epochs, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    # The baseline (gradient search in pixel space, Wachter et al.) explains this many of the
+    # explain stage's queries, each for every target bin.
+    baseline_queries: int = 50
+    baseline_steps: int = 300
+    baseline_lr: float = 0.01
+    baseline_lambda: float = 0.1
+    # A baseline image stops once |f(x') - t| is below this.
+    baseline_tolerance: float = 0.02
+    cout_steps: int = 50
+    # Local file of the standard Inception-v3 FID weights (pt_inception-2015-12-05); empty: skip.
+    inception_weights: str = ""
+    batch_size: int = 100
+
+    def validate(self, key: str) -> None:
+        _check(self.baseline_queries >= 2, f"{key}.baseline_queries", self.baseline_queries, "an integer >= 2")
+        _check(self.baseline_steps >= 1, f"{key}.baseline_steps", self.baseline_steps, "an integer >= 1")
+        _check(self.cout_steps >= 2, f"{key}.cout_steps", self.cout_steps, "an integer >= 2")
+
+
+@dataclass(frozen=True)
 class Config:
     base: Base = field(default_factory=Base)
     prepare: Prepare = field(default_factory=Prepare)
@@ -188,6 +227,8 @@ class Config:
     bin: Bin = field(default_factory=Bin)
     explainer: Explainer = field(default_factory=Explainer)
     explain: Explain = field(default_factory=Explain)
+    oracle: Oracle = field(default_factory=Oracle)
+    evaluate: Evaluate = field(default_factory=Evaluate)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,12 +15,10 @@ from .config import Config
 from .explainer import series
 from .io import save_figure, save_npz, write_json
 from .networks import Generator
-from .posteriors import bin_centre, bin_index
+from .metrics import compatibility, monotonic_share
+from .posteriors import bin_index
 from .tracking import Tracker
 from .utils import resolve_device
-
-MONOTONIC_TOLERANCE = 0.02
-
 
 @torch.no_grad()
 def explain_batch(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int) -> dict[str, torch.Tensor]:
@@ -36,18 +34,8 @@ def explain_batch(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int) -> 
 
 def series_metrics(p_series: np.ndarray, queries: np.ndarray, recon: np.ndarray) -> dict:
     """Compatibility with f, monotonicity of f along the series, reconstruction error."""
-    n = p_series.shape[1]
-    centres = bin_centre(np.arange(n), n)
-    steps = np.diff(p_series, axis=1)
-    monotonic = (steps >= -MONOTONIC_TOLERANCE).all(axis=1)
-    flat_c = np.broadcast_to(centres, p_series.shape).ravel()
-    return {
-        "compatibility_mae": float(np.abs(p_series - centres).mean()),
-        "compatibility_corr": float(np.corrcoef(flat_c, p_series.ravel())[0, 1]) if p_series.std() > 0 else 0.0,
-        "monotonic_share": float(monotonic.mean()),
-        "reconstruction_l1": float(np.abs(recon - queries).mean()),
-        "queries": int(p_series.shape[0]),
-    }
+    return {**compatibility(p_series), "monotonic_share": monotonic_share(p_series),
+            "reconstruction_l1": float(np.abs(recon - queries).mean()), "queries": int(p_series.shape[0])}
 
 
 def strip_figure(query: torch.Tensor, s: torch.Tensor, p_series: Sequence[float], p_query: float,

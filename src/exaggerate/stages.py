@@ -19,6 +19,8 @@ PATHS = {
     "bin": OUT / "bin",
     "train_explainer": OUT / "explainer",
     "explain": OUT / "explain",
+    "train_oracle": OUT / "oracle",
+    "evaluate": OUT / "evaluate",
 }
 
 
@@ -100,9 +102,25 @@ def explain(cfg: Config) -> None:
         explain_stage(cfg, PATHS, tracker)
 
 
+def train_oracle(cfg: Config) -> None:
+    from .oracle import train_oracle as train
+    from .tracking import stage_run
+
+    with stage_run("evaluation", "train_oracle", cfg, ("base", "oracle")) as tracker:
+        train(cfg.base, cfg.oracle, PATHS["train_oracle"], tracker)
+
+
+def evaluate(cfg: Config) -> None:
+    from .evaluate import evaluate_stage
+    from .tracking import stage_run
+
+    with stage_run("evaluation", "evaluate", cfg, ("base", "evaluate", "explain")) as tracker:
+        evaluate_stage(cfg, PATHS, tracker)
+
+
 STAGES: dict[str, Callable[[Config], None]] = {
     "prepare": prepare, "train_classifier": train_classifier, "posteriors": posteriors, "bin": bin,
-    "train_explainer": train_explainer, "explain": explain,
+    "train_explainer": train_explainer, "explain": explain, "train_oracle": train_oracle, "evaluate": evaluate,
 }
 
 

@@ -1,0 +1,84 @@
+"""GPU check: a few explainer training steps at the paper's 128x128 settings on CUDA.
+
+Builds the paper-scale generator and discriminator (widths 64..1024), a paper-style DenseNet
+classifier f (blocks 6/12/24/16, random weights: the check measures speed, not quality),
+and runs full iterations (D update every iteration, G update every n_critic-th) on random
+images, then prints iterations per second, with and without bf16 autocast.
+
+    python scripts/gpu_check.py                    # CUDA, paper settings
+    python scripts/gpu_check.py --device cpu --image-size 32 --widths 8 16 --steps 2   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import time
+
+import torch
+
+
+def main() -> None:
+    from exaggerate.classifier import BlackBox, build_densenet
+    from exaggerate.config import Base, load_config
+    from exaggerate.explainer import TrainState, build_networks, explainer_step
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="configs/paper-celeba.yaml")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=20, help="timed iterations per precision")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--widths", type=int, nargs="+", default=None, help="override G and D widths")
+    args = ap.parse_args()
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this check needs a GPU (or pass --device cpu for a smoke test)")
+    cfg = load_config(args.params)
+    base: Base = dataclasses.replace(cfg.base, device=args.device, image_size=args.image_size or cfg.base.image_size)
+    params = cfg.explainer
+    if args.widths:
+        params = dataclasses.replace(params, generator_widths=args.widths, discriminator_widths=args.widths)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    clf_params = cfg.classifier
+    net = build_densenet(clf_params, base.channels, max(1, len(base.attributes)))
+    f = BlackBox(net, base.attributes or [base.target], base.image_size, base.channels).to(device)
+
+    results = {}
+    for amp in ([False, True] if device.type == "cuda" else [False]):
+        torch.manual_seed(0)
+        g, d = build_networks(base, params)
+        g, d = g.to(device), d.to(device)
+        state = TrainState(g, d, torch.optim.Adam(g.parameters(), lr=params.lr_g, betas=tuple(params.betas)),
+                           torch.optim.Adam(d.parameters(), lr=params.lr_d, betas=tuple(params.betas)),
+                           torch.Generator().manual_seed(0))
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        x = torch.rand(params.batch_size, base.channels, base.image_size, base.image_size, device=device) * 2 - 1
+        c = torch.randint(base.num_bins, (params.batch_size,), device=device)
+        for _ in range(args.warmup):
+            explainer_step(state, f, x, c, base, params, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            losses = explainer_step(state, f, x, c, base, params, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        name = "bf16 autocast" if amp else "float32"
+        results[name] = args.steps / elapsed
+        print(f"{name}: {args.steps / elapsed:.2f} iterations/s at {base.image_size}x{base.image_size}, "
+              f"batch {params.batch_size}, n_critic {params.n_critic}, G widths {params.generator_widths}; "
+              f"peak GPU memory {mem:.1f} GiB; last losses finite: "
+              f"{all(torch.isfinite(torch.tensor(v)) for v in losses.values())}")
+    if len(results) == 2:
+        print(f"bf16 / float32 speed ratio: {results['bf16 autocast'] / results['float32']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

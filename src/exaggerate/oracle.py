@@ -1,0 +1,160 @@
+"""The oracle: an independent classifier of every class or attribute of the dataset.
+
+It differs from f in architecture (a plain CNN, not a DenseNet), seed and labels (all classes
+of the dataset, or all CelebA attributes), so that its judgement of the explanations is not
+f's own. Its penultimate features are the default FID feature space ("fid_oracle").
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import Base, Oracle as OracleParams
+from .datasets import DatasetError, ImageDataset, open_dataset
+from .io import save_torch, write_json
+from .tracking import Tracker
+from .utils import resolve_device, seed_everything
+
+ORACLE_SEED_OFFSET = 7919  # a different seed from f's
+
+
+class OracleNet(nn.Module):
+    """conv-BN-ReLU stages with max-pooling, global average pooling, a feature layer, a head."""
+
+    def __init__(self, channels: int, widths: list[int], feature_dim: int, num_outputs: int):
+        super().__init__()
+        layers, c_in = [], channels
+        for w in widths:
+            layers += [nn.Conv2d(c_in, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.Conv2d(w, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            c_in = w
+        self.body = nn.Sequential(*layers)
+        self.feature = nn.Sequential(nn.Linear(c_in, feature_dim), nn.ReLU(inplace=True))
+        self.head = nn.Linear(feature_dim, num_outputs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature(self.body(x).mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class Oracle(nn.Module):
+    """Frozen oracle: `probabilities(x)` per class/attribute, `features(x)` for FID."""
+
+    def __init__(self, net: OracleNet, names: list[str], kind: str):
+        super().__init__()
+        self.net, self.names, self.kind = net.eval(), list(names), kind
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        return logits.softmax(1) if self.kind == "multiclass" else logits.sigmoid()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # FID's feature extractor interface
+        return self.features(x)
+
+
+def oracle_data(base: Base) -> tuple[ImageDataset, np.ndarray, list[str], str]:
+    """All images of the dataset with all their classes (multiclass) or attributes (multilabel)."""
+    if base.dataset == "celeba":
+        from .datasets import _read_celeba_attributes
+
+        names, _, _ = _read_celeba_attributes(Path(base.data_root) / "list_attr_celeba.txt")
+        ds = open_dataset(dataclasses.replace(base, attributes=names))
+        return ds, ds.labels, ds.label_names, "multilabel"
+    ds = open_dataset(dataclasses.replace(base, negatives=[]))
+    if base.dataset == "fashion_mnist":
+        from .datasets import FASHION_CLASSES as names
+    else:
+        names = sorted(p.name for p in Path(base.data_root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    return ds, ds.strata, list(names), "multiclass"
+
+
+def _split(ds: ImageDataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if ds.partition is not None:
+        part = np.array(ds.partition)
+        return np.flatnonzero(part == "train"), np.flatnonzero(part == "test")
+    perm = np.random.default_rng(seed).permutation(len(ds))
+    cut = int(0.8 * len(ds))
+    return np.sort(perm[:cut]), np.sort(perm[cut:])
+
+
+def train_oracle(base: Base, params: OracleParams, out_dir: str | Path, tracker: Tracker = Tracker()) -> dict:
+    out_dir = Path(out_dir)
+    device = resolve_device(base.device)
+    seed = base.seed + ORACLE_SEED_OFFSET
+    seed_everything(seed)
+    ds, targets, names, kind = oracle_data(base)
+    train_idx, test_idx = _split(ds, seed)
+    if params.max_train and len(train_idx) > params.max_train:
+        train_idx = np.sort(np.random.default_rng(seed).choice(train_idx, params.max_train, replace=False))
+    net = OracleNet(base.channels, list(params.widths), params.feature_dim, len(names)).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=params.lr)
+    y_all = torch.from_numpy(np.asarray(targets))
+    train_set = torch.utils.data.TensorDataset(torch.from_numpy(train_idx))
+    for epoch in range(params.epochs):
+        g = torch.Generator().manual_seed(seed + epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
+        net.train()
+        bar = tqdm(loader, desc=f"oracle epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=1.0)
+        for (idx,) in bar:
+            x = ds.images(idx.numpy()).to(device)
+            y = y_all[idx].to(device)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y.long()) if kind == "multiclass" else \
+                F.binary_cross_entropy_with_logits(logits, y.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    net.eval()
+    oracle = Oracle(net, names, kind)
+    correct, total = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(test_idx), 512):
+            idx = test_idx[start:start + 512]
+            p = oracle.probabilities(ds.images(idx).to(device)).cpu()
+            y = y_all[idx]
+            if kind == "multiclass":
+                correct += (p.argmax(1) == y).float().sum().item()
+            else:
+                correct += ((p >= 0.5).float() == y).float().mean(1).sum().item()
+            total += len(idx)
+    metrics = {"test_accuracy": correct / max(total, 1), "kind": kind, "classes": names,
+               "train_images": int(len(train_idx)), "test_images": int(len(test_idx))}
+    save_torch(out_dir / "oracle.pt", {"widths": list(params.widths), "feature_dim": params.feature_dim,
+                                       "channels": base.channels, "image_size": base.image_size,
+                                       "names": names, "kind": kind, "state_dict": net.state_dict()})
+    write_json(out_dir / "metrics.json", metrics)
+    tracker.metrics({"oracle_test_accuracy": metrics["test_accuracy"]})
+    print(f"oracle ({kind}, {len(names)} outputs): test accuracy {metrics['test_accuracy']:.4f}")
+    return metrics
+
+
+def load_oracle(path: str | Path, base: Base) -> Oracle:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"oracle {path} not found: run the train_oracle stage first (dvc repro)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["image_size"] != base.image_size or state["channels"] != base.channels:
+        raise DatasetError(f"oracle {path} was trained on {state['channels']}x{state['image_size']}px images, "
+                           f"params say {base.channels}x{base.image_size}")
+    net = OracleNet(state["channels"], state["widths"], state["feature_dim"], len(state["names"]))
+    net.load_state_dict(state["state_dict"])
+    return Oracle(net, state["names"], state["kind"])
+

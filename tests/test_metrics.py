@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+from exaggerate import metrics as M
+from exaggerate.posteriors import bin_centre
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_shift_gives_squared_distance():
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.normal(size=(4000, 8)))
+    assert M.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    shift = torch.zeros(8, dtype=torch.float64)
+    shift[0] = 3.0
+    b = torch.from_numpy(rng.normal(size=(4000, 8))) + shift
+    assert M.frechet_distance(a, b) == pytest.approx(9.0, rel=0.05)
+    assert M.frechet_distance(a[:1], b) is None
+
+
+def test_split_fid_is_small_for_the_same_distribution():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(2000, 4)))
+    cf = torch.from_numpy(rng.normal(size=(2000, 4)))
+    assert M.split_fid(x, cf) < 0.05
+    assert M.split_fid(x, cf + 2) == pytest.approx(16, rel=0.1)
+    assert M.split_fid(x[:3], cf[:3]) is None
+
+
+def _corner_f(x):
+    """A posterior that only looks at the top-left pixel."""
+    return torch.sigmoid(50 * x[:, 0, 0, 0])
+
+
+def test_cout_of_a_full_flip_is_about_one_and_of_no_change_minus_one():
+    x = torch.full((2, 1, 8, 8), -0.2)
+    x[:, 0, 0, 0] = -1
+    cf = x.clone()
+    cf[:, 0, 0, 0] = 1  # the most changed pixel flips the decision on its own
+    assert M.cout(_corner_f, x, cf, steps=50) == pytest.approx(np.full(2, 0.98), abs=0.01)
+    assert M.cout(_corner_f, x, x.clone(), steps=50) == pytest.approx(np.full(2, -1.0), abs=1e-3)
+
+
+def test_compatibility_monotonic_and_flips():
+    perfect = np.tile(bin_centre(np.arange(10), 10), (3, 1))
+    assert M.compatibility(perfect)["compatibility_mae"] == pytest.approx(0)
+    assert M.compatibility(perfect + 0.01)["compatibility_mae"] == pytest.approx(0.01)
+    assert M.monotonic_share(np.array([[0.1, 0.2, 0.19], [0.3, 0.2, 0.9]])) == 0.5
+    p_query = np.array([0.1, 0.9, 0.2])
+    p_series = np.array([[0.0, 0.8], [0.3, 1.0], [0.0, 0.4]])
+    assert M.flips(p_query, p_series).tolist() == [True, True, False]
+    curves = M.compatibility_curves(perfect, np.array([0.1, 0.5, 0.95]))
+    assert set(curves) == {"0.0-0.2", "0.4-0.6", "0.8-1.0"}
+
+
+def test_oracle_metrics_on_known_cases():
+    n = 10
+    perfect = np.tile(bin_centre(np.arange(n), n), (4, 1))
+    assert M.oracle_agreement(perfect) == pytest.approx(1)
+    assert M.oracle_agreement(1 - perfect) == pytest.approx(-1)
+    ox = np.array([[0.1, 0.9, 0.2, 0.3], [0.2, 0.1, 0.9, 0.4]])
+    ocf = np.array([[0.9, 0.1, 0.2, 0.7], [0.8, 0.1, 0.9, 0.4]])  # target column 0 flips in both
+    assert M.mnac(ox, ocf, 0) == pytest.approx(1.0)  # 2 other changes, then 0: mean 1
+    rng = np.random.default_rng(0)
+    data = rng.uniform(size=(500, 3))
+    data[:, 1] = data[:, 0]
+    delta = rng.uniform(size=(500, 3))
+    delta[:, 1] = delta[:, 0]
+    cd = M.correlation_difference(data, np.zeros_like(delta), delta, 0)
+    assert cd == pytest.approx(np.mean([0.0, abs(np.corrcoef(data[:, 0], data[:, 2])[0, 1]
+                                                 - np.corrcoef(delta[:, 0], delta[:, 2])[0, 1])]), abs=1e-9)
+
+
+def test_pixel_search_reaches_the_target_bins():
+    def mean_f(x):
+        return torch.sigmoid(8 * x.mean(dim=(1, 2, 3)))
+    x = torch.full((2, 1, 6, 6), -0.5)
+    s = M.pixel_search(mean_f, x, 10, steps=400, lr=0.05, lam=0.0, tolerance=0.01)
+    assert s.shape == (2, 10, 1, 6, 6) and s.min() >= -1 and s.max() <= 1
+    p = mean_f(s.flatten(0, 1)).reshape(2, 10).detach().numpy()
+    assert np.abs(p - bin_centre(np.arange(10), 10)).max() < 0.011
+
+
+def test_face_identity_on_real_faces():
+    pytest.importorskip("dlib")
+    data = pytest.importorskip("skimage.data")
+    from exaggerate.faces import face_verification
+
+    astronaut = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float() / 127.5 - 1
+    brighter = (astronaut * 0.9 + 0.05).clamp(-1, 1)
+    other = torch.from_numpy(np.asarray(data.lfw_subset()[50], dtype=np.float32))[None, None]
+    other = (torch.nn.functional.interpolate(other, size=(512, 512), mode="bilinear")[0] * 2 - 1).expand(3, -1, -1)
+    same = face_verification(astronaut[None], brighter[None])
+    assert same["fva"] == 1.0 and same["fs"] > 0.99
+    diff = face_verification(astronaut[None], other[None])
+    assert diff["fva"] == 0.0 and diff["face_distance"] > 0.6
