@@ -22,7 +22,9 @@ if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
   spec="."
   [ -n "$extras" ] && spec=".[${extras}]"
   # torch/torchvision are pinned (2.14.1 / 0.29.1) in pyproject.toml so pip takes them from local disk.
-  .venv/bin/pip install --quiet --disable-pip-version-check -e "$spec"
+  # (pip warns about local index folders this machine's pip.conf names but does not have: drop those lines)
+  .venv/bin/pip install --quiet --disable-pip-version-check -e "$spec" 2>&1 \
+    | { grep -v "is neither a file nor a directory" || true; }
   echo "$want" >> "$stamp"
 fi
 

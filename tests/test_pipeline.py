@@ -31,6 +31,8 @@ TINY = {
     "explain": {"num_queries": 12, "strips": 2, "batch_size": 8},
     "oracle": {"widths": [8, 16], "feature_dim": 16, "epochs": 1, "batch_size": 64, "max_train": 200},
     "evaluate": {"baseline_queries": 6, "baseline_steps": 20, "cout_steps": 5, "batch_size": 6},
+    "tune": {"n_trials": 3, "workers": 2, "trial_steps": 4, "eval_every": 2, "val_queries": 8, "startup_trials": 1,
+             "heartbeat_s": 1},
 }
 
 
@@ -321,3 +323,156 @@ def test_evaluation_refuses_mismatched_runs(project, monkeypatch):
     other_task = open_dataset(dataclasses.replace(cfg.base, target="Sandal", negatives=["Sneaker"]))
     with pytest.raises(EvaluationError, match="query ids do not match the dataset"):
         load_series(path, other_task, f, 10, 32, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- Optuna studies
+
+def _tune(project, env, storage, *extra, check=True):
+    return run([str(BIN / "exaggerate"), "tune", "--storage", storage, *extra], project, env, check=check,
+               timeout=600)
+
+
+def _mlflow_trial_runs(env, parent_id):
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    return mlflow.search_runs(experiment_names=["exaggerate-tuning"], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _check_study(project, env, storage_url, study_name, n_trials, workers=2):
+    import optuna
+
+    from exaggerate.tune import make_storage
+
+    study = optuna.load_study(study_name=study_name, storage=make_storage(storage_url, 0))
+    finished = [t for t in study.trials if t.state.is_finished()]
+    # Workers check the count after each trial: concurrent ones may each start one more.
+    assert n_trials <= len(finished) <= n_trials + workers - 1
+    assert len(finished) == len(study.trials)  # nothing left running
+    assert study.trials[0].user_attrs.get("is_default") is True  # the current weights are trial 0
+    runs = _mlflow_trial_runs(env, study.user_attrs["mlflow_parent_run_id"])
+    assert len(runs) >= n_trials
+    assert all("lambda_cls" in r.data.params for r in runs)
+    return study
+
+
+def test_tune_two_workers_journal_backend_and_resume(project, env, tmp_path):
+    storage = f"journal:{tmp_path / 'study.journal'}"
+    out = _tune(project, env, storage, "--study-name", "journal-study")
+    assert "best:" in out.stdout
+    _check_study(project, env, storage, "journal-study", 3)
+    best = yaml.safe_load((project / "results/tune/best_params.yaml").read_text())
+    assert set(best["explainer"]) == {"lambda_gan", "lambda_cyc", "lambda_cls"}
+    assert "dvc exp run -S explainer.lambda" in (project / "results/tune/best_params.yaml").read_text()
+    for name in ("trials.csv", "summary.json", "history.png", "importances.png"):
+        assert (project / "results/tune" / name).is_file(), name
+    assert yaml.safe_load((project / "params.yaml").read_text()) == tiny_params()  # never rewritten
+    # Rerunning resumes the same study: one more trial when asked for 4.
+    before = len(optuna_trials(storage, "journal-study"))
+    _tune(project, env, storage, "--study-name", "journal-study", "--n-trials", str(before + 1), "--workers", "1")
+    assert len(optuna_trials(storage, "journal-study")) == before + 1
+
+
+def optuna_trials(storage_url, study_name):
+    import optuna
+
+    from exaggerate.tune import make_storage
+
+    return optuna.load_study(study_name=study_name, storage=make_storage(storage_url, 0)).trials
+
+
+def test_tune_two_workers_postgresql(project, env):
+    url = os.environ.get("EXAGGERATE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("EXAGGERATE_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server)")
+    name = f"pg-study-{os.getpid()}"
+    _tune(project, env, url, "--study-name", name)
+    _check_study(project, env, url, name, 3)
+
+
+def test_tune_multi_objective_writes_pareto_front(project, env, tmp_path):
+    import json
+
+    work = tmp_path / "multi"
+    shutil.copytree(project, work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["tune"].update(mode="multi", workers=1, n_trials=3)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _tune(work, env, f"sqlite:///{tmp_path / 'multi.db'}")
+    summary = json.loads((work / "results/tune/summary.json").read_text())
+    assert summary["pareto_front"] and (work / "results/tune/pareto.png").is_file()
+
+
+def test_killed_worker_trial_is_failed_and_study_completes(project, env, tmp_path):
+    import optuna
+
+    from exaggerate.tune import make_storage
+
+    work = tmp_path / "killwork"
+    shutil.copytree(project, work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["tune"].update(trial_steps=400, eval_every=200, n_trials=3, workers=2, heartbeat_s=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    storage = f"sqlite:///{tmp_path / 'kill.db'}"
+    main = subprocess.Popen([str(BIN / "exaggerate"), "tune", "--storage", storage], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="explainer-weights", storage=make_storage(storage, 0))
+        except KeyError:
+            continue
+        if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+            victim = _worker_pid(main.pid)
+    assert victim, "no worker with a running trial appeared"
+    time.sleep(1.0)
+    os.kill(victim, signal.SIGKILL)
+    out, _ = main.communicate(timeout=600)
+    assert main.returncode == 0, out
+    study = optuna.load_study(study_name="explainer-weights", storage=make_storage(storage, 0))
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.FAIL in states, states
+    assert sum(s.is_finished() for s in states) >= 3
+    assert states.count(optuna.trial.TrialState.COMPLETE) >= 2
+    assert "ended abnormally" in out
+
+
+def _worker_pid(parent: int):
+    """A spawned worker process of `parent` (not multiprocessing's resource tracker)."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in cmd:
+            return int(child)
+    return None
+
+
+def test_failing_trial_is_recorded_and_study_goes_on(project, env, monkeypatch, tmp_path):
+    import optuna
+
+    from exaggerate import explainer, tune
+    from exaggerate.config import load_config
+    from exaggerate.stages import PATHS
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    calls = {"n": 0}
+    real_fit = explainer.fit
+
+    def flaky_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise explainer.TrainingDiverged("loss g_cls became nan at step 3; no checkpoint was written yet")
+        return real_fit(*args, **kwargs)
+    monkeypatch.setattr(explainer, "fit", flaky_fit)
+    cfg = load_config("params.yaml")
+    summary = tune.run_study(cfg, PATHS, workers=1, n_trials=3, storage_url=f"sqlite:///{tmp_path / 'f.db'}",
+                             study_name="flaky", out_dir=tmp_path / "out")
+    assert summary["states"]["FAIL"] == 1
+    assert summary["states"]["COMPLETE"] + summary["states"]["PRUNED"] == 2  # the MedianPruner may stop one
+    trials = optuna.load_study(study_name="flaky", storage=f"sqlite:///{tmp_path / 'f.db'}").trials
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL][0]
+    assert "became nan at step 3" in failed.user_attrs["fail_reason"]
+    assert "became nan" in (tmp_path / "out" / "trials.csv").read_text()

@@ -20,6 +20,19 @@ def _explain(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from .config import load_config
+    from .stages import PATHS
+    from .tune import run_study
+    from .utils import set_threads
+
+    cfg = load_config(args.params)
+    set_threads(cfg.base.threads)
+    run_study(cfg, PATHS, workers=args.workers, n_trials=args.n_trials, storage_url=args.storage,
+              study_name=args.study_name)
+    return 0
+
+
 def _show_params(args) -> int:
     import yaml
 
@@ -52,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert colour images to grey (or grey to colour) instead of refusing them")
     p.set_defaults(func=_explain)
 
+    p = sub.add_parser("tune", help="Optuna study of the explainer's loss weights (resumes an existing study)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--workers", type=int, default=None, help="worker processes on this machine (default: tune.workers)")
+    p.add_argument("--n-trials", type=int, default=None, help="trials in the whole study (default: tune.n_trials)")
+    p.add_argument("--storage", default=None,
+                   help="sqlite:///optuna.db, postgresql://user:pw@host/db or journal:FILE (default: tune.storage)")
+    p.add_argument("--study-name", default=None, help="default: tune.study_name")
+    p.set_defaults(func=_tune)
+
     p = sub.add_parser("params", help="print the validated, fully resolved parameters")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_show_params)
@@ -63,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     from .classifier import ClassifierError
     from .config import ConfigError
     from .datasets import DatasetError
+    from .evaluate import EvaluationError
+    from .explainer import CheckpointError, TrainingDiverged
     from .posteriors import PosteriorError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, ClassifierError, PosteriorError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, ClassifierError, PosteriorError, CheckpointError, TrainingDiverged,
+            EvaluationError, FileNotFoundError) as exc:
         print(f"exaggerate: error: {exc}", file=sys.stderr)
         return 2
 

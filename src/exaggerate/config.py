@@ -219,6 +219,45 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Tune:
+    """Optuna studies of the explainer's loss weights (exaggerate tune, tune/dvc.yaml)."""
+    study_name: str = "explainer-weights"
+    # sqlite:///optuna.db (default), postgresql://user:pw@host/db, or journal:FILE
+    storage: str = "sqlite:///optuna.db"
+    mode: str = field(default="scalar", metadata=_choices("scalar", "multi"))
+    n_trials: int = 12
+    workers: int = 1
+    trial_steps: int = 300
+    eval_every: int = 100
+    val_queries: int = 64
+    # Scalar objective: compatibility MAE + fid_weight * fid_oracle.
+    fid_weight: float = 0.002
+    startup_trials: int = 4
+    seed: int = 0
+    # RDB storages: a worker's heartbeat period; a trial silent for twice this is failed and retried.
+    heartbeat_s: int = 30
+    lambda_gan: list[float] = field(default_factory=lambda: [0.1, 10.0])
+    lambda_cyc: list[float] = field(default_factory=lambda: [10.0, 300.0])
+    lambda_cls: list[float] = field(default_factory=lambda: [1.0, 100.0])
+    tune_lr: bool = False
+    lr: list[float] = field(default_factory=lambda: [5e-5, 1e-3])
+    tune_n_critic: bool = False
+    n_critic: list[int] = field(default_factory=lambda: [1, 5])
+
+    def validate(self, key: str) -> None:
+        for name in ("lambda_gan", "lambda_cyc", "lambda_cls", "lr"):
+            b = getattr(self, name)
+            _check(len(b) == 2 and 0 < b[0] < b[1], f"{key}.{name}", b, "[low, high] with 0 < low < high")
+        _check(len(self.n_critic) == 2 and 1 <= self.n_critic[0] <= self.n_critic[1], f"{key}.n_critic",
+               self.n_critic, "[low, high] with 1 <= low <= high")
+        for name in ("n_trials", "workers", "trial_steps", "eval_every", "val_queries"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.heartbeat_s >= 0, f"{key}.heartbeat_s", self.heartbeat_s, "an integer >= 0")
+        _check(self.storage.startswith(("sqlite:", "postgresql", "mysql", "journal:")), f"{key}.storage",
+               self.storage, "an RDB URL (sqlite:///..., postgresql://...) or journal:FILE")
+
+
+@dataclass(frozen=True)
 class Config:
     base: Base = field(default_factory=Base)
     prepare: Prepare = field(default_factory=Prepare)
@@ -229,6 +268,7 @@ class Config:
     explain: Explain = field(default_factory=Explain)
     oracle: Oracle = field(default_factory=Oracle)
     evaluate: Evaluate = field(default_factory=Evaluate)
+    tune: Tune = field(default_factory=Tune)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -263,7 +263,7 @@ def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.T
 
 
 def train_explainer(cfg: Config, paths: dict, tracker: Tracker = Tracker(),
-                    on_checkpoint: Optional[Callable[[int], None]] = None) -> dict:
+                    on_checkpoint: Optional[Callable[[int, Generator], None]] = None) -> dict:
     """The train_explainer stage: resumable GAN training; writes generator.pt and metrics."""
     from .classifier import load_classifier
     from .datasets import open_dataset
@@ -282,7 +282,9 @@ def train_explainer(cfg: Config, paths: dict, tracker: Tracker = Tracker(),
 
 def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indices: np.ndarray, f: BlackBox,
         base: Base, params: ExplainerParams, out_dir: Path, tracker: Tracker = Tracker(),
-        on_checkpoint: Optional[Callable[[int], None]] = None) -> dict:
+        on_checkpoint: Optional[Callable[[int, Generator], None]] = None) -> dict:
+    """Train G and D; `on_checkpoint(step, g)` is called after each checkpoint (tuning reports
+    intermediate scores there and may stop the run by raising)."""
     device = resolve_device(base.device)
     seed_everything(base.seed)
     g, d = build_networks(base, params)
@@ -337,7 +339,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
                 old.unlink()
             last_good = path
             if on_checkpoint:
-                on_checkpoint(step)
+                on_checkpoint(step, g)
         if step % params.image_every == 0 or step == params.steps:
             fig = series_figure(g, f, x_grid, base.num_bins, f"explainer series at step {step}")
             tracker.figure(fig, f"series/step_{step:08d}.png")
