@@ -17,13 +17,14 @@ done
 
 # Reinstall only when the project's requirements (or the extras asked for) change.
 stamp=".venv/.exaggerate-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16) extras=[${extras}]"
+want="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16) extras=[${extras}]"
 if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
   spec="."
   [ -n "$extras" ] && spec=".[${extras}]"
-  # torch/torchvision are pinned (2.14.1 / 0.29.1) in pyproject.toml so pip takes them from local disk.
+  # torch/torchvision are pinned (2.14.1 / 0.29.1) in pyproject.toml so pip takes them from local disk;
+  # requirements.lock fixes every other version (no resolver backtracking, the versions tested).
   # (pip warns about local index folders this machine's pip.conf names but does not have: drop those lines)
-  .venv/bin/pip install --quiet --disable-pip-version-check -e "$spec" 2>&1 \
+  .venv/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -e "$spec" 2>&1 \
     | { grep -v "is neither a file nor a directory" || true; }
   echo "$want" >> "$stamp"
 fi

@@ -35,7 +35,7 @@ def make_storage(url: str, heartbeat_s: int):
     import warnings
 
     from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
 
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats are "experimental"
@@ -45,8 +45,15 @@ def make_storage(url: str, heartbeat_s: int):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     if heartbeat_s > 0:
-        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+        try:  # optuna >= 4.9
+            from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+            retry = {"heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
+        except ImportError:
+            from optuna.storages import RetryFailedTrialCallback
+
+            retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=1)}
+        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, **retry)
     return RDBStorage(url)
 
 
