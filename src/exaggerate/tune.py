@@ -312,7 +312,7 @@ def summarise(study, cfg: Config, out_dir: Path) -> dict:
                                                                           "n_critic")}
         if "lr" in best.params:
             explainer_params.update(lr_g=best.params["lr"], lr_d=best.params["lr"])
-        sets = " ".join(f"-S explainer.{k}={v:.6g}" for k, v in explainer_params.items())
+        sets = " ".join(f"-S explainer.{k}={v!r}" for k, v in explainer_params.items())  # exact: same training
         write_text(out_dir / "best_params.yaml",
                    f"# Best trial {best.number} of study {study.study_name} ({cfg.tune.mode}).\n"
                    f"# Reproduce it with: dvc exp run {sets}\n"
