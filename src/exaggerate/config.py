@@ -154,8 +154,13 @@ class Explainer:
     image_every: int = 1000
     grid_queries: int = 6
     amp: bool = False
+    # Exponential moving average of G's weights, updated after every G step (0 = off, as in the
+    # paper). The averaged generator is the one saved, scored and shown; it smooths out the
+    # oscillation of short GAN runs. Warm-up: decay min(ema_decay, (1 + t) / (10 + t)).
+    ema_decay: float = 0.0
 
     def validate(self, key: str) -> None:
+        _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")
         for name in ("generator_widths", "discriminator_widths"):
             widths = getattr(self, name)
             _check(len(widths) >= 2 and all(w >= 1 for w in widths), f"{key}.{name}", widths,

@@ -11,6 +11,7 @@ D is updated every iteration, G every n_critic-th; f is frozen and only passes g
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import time
@@ -63,6 +64,8 @@ def training_signature(base: Base, params: ExplainerParams, inputs_digest: str =
     d = asdict(params)
     for k in ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries"):
         d.pop(k)
+    if not d["ema_decay"]:
+        d.pop("ema_decay")  # off: checkpoints from before the option existed still resume
     return {**architecture(base, params), **d, "seed": base.seed, "dataset": base.dataset,
             "target": base.target, "inputs": inputs_digest}
 
@@ -178,6 +181,22 @@ class TrainState:
     opt_d: torch.optim.Optimizer
     sampler_rng: torch.Generator
     step: int = 0
+    g_ema: Optional[Generator] = None  # the weight average, when explainer.ema_decay > 0
+    g_updates: int = 0
+
+    @property
+    def generator(self) -> Generator:
+        """The generator to save, score and show: the average when there is one."""
+        return self.g_ema if self.g_ema is not None else self.g
+
+
+@torch.no_grad()
+def update_ema(ema: Generator, g: Generator, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * g for weights; batch-norm statistics are copied."""
+    for p_ema, p in zip(ema.parameters(), g.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+    for b_ema, b in zip(ema.buffers(), g.buffers()):
+        b_ema.copy_(b)
 
 
 def _checkpoint_dir(root: Path, signature: dict) -> Path:
@@ -191,6 +210,8 @@ def save_checkpoint(path: Path, state: TrainState, signature: dict) -> None:
         "generator": state.g.state_dict(), "discriminator": state.d.state_dict(),
         "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
         "sampler_rng": state.sampler_rng.get_state(), "torch_rng": torch.get_rng_state(),
+        **({"generator_ema": state.g_ema.state_dict(), "g_updates": state.g_updates}
+           if state.g_ema is not None else {}),
     })
 
 
@@ -207,6 +228,11 @@ def load_checkpoint(path: Path, state: TrainState, signature: dict, device: torc
     state.sampler_rng.set_state(ckpt["sampler_rng"].cpu())
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     state.step = ckpt["step"]
+    if state.g_ema is not None:
+        if "generator_ema" not in ckpt:
+            raise CheckpointError(f"{path} holds no averaged generator although explainer.ema_decay > 0")
+        state.g_ema.load_state_dict(ckpt["generator_ema"])
+        state.g_updates = ckpt["g_updates"]
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
@@ -256,6 +282,10 @@ def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.T
         state.opt_g.zero_grad(set_to_none=True)
         total.backward()
         state.opt_g.step()
+        state.g_updates += 1
+        if state.g_ema is not None:
+            t = state.g_updates
+            update_ema(state.g_ema, g, min(params.ema_decay, (1 + t) / (10 + t)))
         losses.update(g_adv=g_adv.item(), g_cls=cls.item(), g_cls_cycle=cls_cycle.item(),
                       g_cycle=cycle.item(), g_embedding=embedding.item(), g_total=total.item())
     state.step += 1
@@ -293,7 +323,8 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
         g=g, d=d,
         opt_g=torch.optim.Adam(g.parameters(), lr=params.lr_g, betas=tuple(params.betas)),
         opt_d=torch.optim.Adam(d.parameters(), lr=params.lr_d, betas=tuple(params.betas)),
-        sampler_rng=torch.Generator().manual_seed(base.seed))
+        sampler_rng=torch.Generator().manual_seed(base.seed),
+        g_ema=copy.deepcopy(g).eval().requires_grad_(False) if params.ema_decay > 0 else None)
     signature = training_signature(base, params, inputs_digest(f, dataset, indices, bins))
     ckpt_dir = _checkpoint_dir(out_dir / "checkpoints", signature)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -339,15 +370,15 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
                 old.unlink()
             last_good = path
             if on_checkpoint:
-                on_checkpoint(step, g)
+                on_checkpoint(step, state.generator)
         if step % params.image_every == 0 or step == params.steps:
-            fig = series_figure(g, f, x_grid, base.num_bins, f"explainer series at step {step}")
+            fig = series_figure(state.generator, f, x_grid, base.num_bins, f"explainer series at step {step}")
             tracker.figure(fig, f"series/step_{step:08d}.png")
             plots.close(fig)
     bar.close()
     elapsed = time.time() - start_time
     steps_run = state.step - start_step
-    g.eval()
+    g = state.generator.eval()
     save_torch(out_dir / "generator.pt", {"architecture": architecture(base, params), "generator": g.state_dict()})
     fig = series_figure(g, f, x_grid, base.num_bins, f"explainer series after {state.step} steps")
     save_figure(out_dir / "series_grid.png", fig)
