@@ -31,8 +31,8 @@ TINY = {
     "explain": {"num_queries": 12, "strips": 2, "batch_size": 8},
     "oracle": {"widths": [8, 16], "feature_dim": 16, "epochs": 1, "batch_size": 64, "max_train": 200},
     "evaluate": {"baseline_queries": 6, "baseline_steps": 20, "cout_steps": 5, "batch_size": 6},
-    "tune": {"n_trials": 3, "workers": 2, "trial_steps": 4, "eval_every": 2, "val_queries": 8, "startup_trials": 1,
-             "heartbeat_s": 1},
+    "tune": {"study_name": "explainer-weights", "n_trials": 3, "workers": 2, "trial_steps": 4, "eval_every": 2,
+             "val_queries": 8, "startup_trials": 1, "heartbeat_s": 1, "tune_lr": False},
 }
 
 
@@ -397,11 +397,13 @@ def test_tune_multi_objective_writes_pareto_front(project, env, tmp_path):
     work = tmp_path / "multi"
     shutil.copytree(project, work)
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["tune"].update(mode="multi", workers=1, n_trials=3)
+    params["tune"].update(mode="multi", workers=1, n_trials=3, tune_lr=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _tune(work, env, f"sqlite:///{tmp_path / 'multi.db'}")
     summary = json.loads((work / "results/tune/summary.json").read_text())
     assert summary["pareto_front"] and (work / "results/tune/pareto.png").is_file()
+    with open(work / "results/tune/trials.csv") as fh:  # the learning rate was tuned as well
+        assert "lr" in fh.readline().strip().split(",")
 
 
 def test_killed_worker_trial_is_failed_and_study_completes(project, env, tmp_path):
@@ -412,7 +414,8 @@ def test_killed_worker_trial_is_failed_and_study_completes(project, env, tmp_pat
     work = tmp_path / "killwork"
     shutil.copytree(project, work)
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["tune"].update(trial_steps=400, eval_every=200, n_trials=3, workers=2, heartbeat_s=1)
+    # startup_trials=3: no pruning, so every trial that is not killed completes.
+    params["tune"].update(trial_steps=400, eval_every=200, n_trials=3, workers=2, heartbeat_s=1, startup_trials=3)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     storage = f"sqlite:///{tmp_path / 'kill.db'}"
     main = subprocess.Popen([str(BIN / "exaggerate"), "tune", "--storage", storage], cwd=work, env=env,
