@@ -135,7 +135,6 @@ def test_fit_with_ema_saves_the_average_and_resumes_it(setup, tmp_path, capsys):
     ckpt = torch.load(sorted((tmp_path / "a/checkpoints").glob("*/step-*.pt"))[-1], weights_only=True)
     assert all(torch.equal(saved[k], ckpt["generator_ema"][k]) for k in saved)
     assert not all(torch.equal(saved[k], ckpt["generator"][k]) for k in saved)
-    assert ckpt["g_updates"] == TINY_EXPLAINER.steps // TINY_EXPLAINER.n_critic
 
     # Interrupted and resumed, the average matches an uninterrupted run bit for bit.
     longer = dataclasses.replace(averaged, steps=6)

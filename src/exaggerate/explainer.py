@@ -182,7 +182,6 @@ class TrainState:
     sampler_rng: torch.Generator
     step: int = 0
     g_ema: Optional[Generator] = None  # the weight average, when explainer.ema_decay > 0
-    g_updates: int = 0
 
     @property
     def generator(self) -> Generator:
@@ -210,8 +209,7 @@ def save_checkpoint(path: Path, state: TrainState, signature: dict) -> None:
         "generator": state.g.state_dict(), "discriminator": state.d.state_dict(),
         "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
         "sampler_rng": state.sampler_rng.get_state(), "torch_rng": torch.get_rng_state(),
-        **({"generator_ema": state.g_ema.state_dict(), "g_updates": state.g_updates}
-           if state.g_ema is not None else {}),
+        **({"generator_ema": state.g_ema.state_dict()} if state.g_ema is not None else {}),
     })
 
 
@@ -232,7 +230,6 @@ def load_checkpoint(path: Path, state: TrainState, signature: dict, device: torc
         if "generator_ema" not in ckpt:
             raise CheckpointError(f"{path} holds no averaged generator although explainer.ema_decay > 0")
         state.g_ema.load_state_dict(ckpt["generator_ema"])
-        state.g_updates = ckpt["g_updates"]
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
@@ -282,9 +279,8 @@ def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.T
         state.opt_g.zero_grad(set_to_none=True)
         total.backward()
         state.opt_g.step()
-        state.g_updates += 1
         if state.g_ema is not None:
-            t = state.g_updates
+            t = (state.step + 1) // params.n_critic  # G updates so far, this one included
             update_ema(state.g_ema, g, min(params.ema_decay, (1 + t) / (10 + t)))
         losses.update(g_adv=g_adv.item(), g_cls=cls.item(), g_cls_cycle=cls_cycle.item(),
                       g_cycle=cycle.item(), g_embedding=embedding.item(), g_total=total.item())
