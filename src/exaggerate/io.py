@@ -58,8 +58,10 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
 def save_torch(path: str | Path, obj: Any) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a file handle: given a path, torch.save names the archive's root folder after the
+    # (random) temporary file, so the same weights would give different bytes on every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def save_figure(path: str | Path, fig) -> None:
