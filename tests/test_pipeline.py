@@ -32,7 +32,7 @@ TINY = {
     "oracle": {"widths": [8, 16], "feature_dim": 16, "epochs": 1, "batch_size": 64, "max_train": 200},
     "evaluate": {"baseline_queries": 6, "baseline_steps": 20, "cout_steps": 5, "batch_size": 6},
     "tune": {"study_name": "explainer-weights", "n_trials": 3, "workers": 2, "trial_steps": 4, "eval_every": 2,
-             "val_queries": 8, "startup_trials": 1, "heartbeat_s": 1, "tune_lr": False},
+             "val_queries": 8, "startup_trials": 1, "prune_after": 0, "heartbeat_s": 1, "tune_lr": False},
 }
 
 
