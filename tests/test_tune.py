@@ -41,3 +41,13 @@ def test_prune_after_must_fall_inside_a_trial():
         _config(prune_after=1200, trial_steps=1200).tune.validate("tune")
     with pytest.raises(ConfigError, match="tune.prune_after"):
         _config(prune_after=-1).tune.validate("tune")
+
+
+def test_parallel_workers_share_the_cores(monkeypatch):
+    from exaggerate import tune
+
+    monkeypatch.setattr(tune.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert tune.worker_threads(0, 1) == 0  # one worker: torch's default
+    assert tune.worker_threads(0, 2) == 4
+    assert tune.worker_threads(0, 16) == 1
+    assert tune.worker_threads(3, 2) == 3  # an explicit base.threads wins

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import io
 import multiprocessing as mp
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -181,6 +182,15 @@ def worker(config: dict, paths: dict, storage_url: str, study_name: str, n_trial
                    callbacks=[MaxTrialsCallback(n_trials, states=done)], gc_after_trial=True)
 
 
+def worker_threads(threads: int, workers: int) -> int:
+    """Torch threads per worker: base.threads when set, else the usable cores shared out, so
+    that parallel workers do not oversubscribe the CPU (0 keeps torch's default)."""
+    if threads > 0 or workers == 1:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
 def _sampler(cfg: Config, worker_index: int):
     import optuna
 
@@ -234,7 +244,9 @@ def run_study(cfg: Config, paths: dict, workers: Optional[int] = None, n_trials:
             study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
             mlflow.log_params({"mode": t.mode, "n_trials": n_trials, "trial_steps": t.trial_steps,
                                "storage": storage_url.split("@")[-1], "workers": workers})
-        args = (cfg.to_dict(), {k: str(v) for k, v in paths.items()}, storage_url, study_name, n_trials,
+        config = cfg.to_dict()
+        config["base"]["threads"] = worker_threads(cfg.base.threads, workers)
+        args = (config, {k: str(v) for k, v in paths.items()}, storage_url, study_name, n_trials,
                 parent.info.run_id)
         if workers == 1:
             worker(*args, 0)
