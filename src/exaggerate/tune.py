@@ -206,7 +206,7 @@ def _pruner(cfg: Config):
     if cfg.tune.mode == "multi":
         return optuna.pruners.NopPruner()
     return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.startup_trials,
-                                         n_warmup_steps=cfg.tune.prune_after)
+                                       n_warmup_steps=cfg.tune.prune_after)
 
 
 def run_study(cfg: Config, paths: dict, workers: Optional[int] = None, n_trials: Optional[int] = None,
