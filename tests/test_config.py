@@ -50,6 +50,7 @@ def test_bad_choice_lists_allowed_values():
     ({"bin": {"per_bin": 0}}, "bin.per_bin"),
     ({"explainer": {"generator_widths": [32]}}, "explainer.generator_widths"),
     ({"explainer": {"ema_decay": 1.0}}, "explainer.ema_decay"),
+    ({"explainer": {"lr_decay": 1.5}}, "explainer.lr_decay"),
     ({"classifier": {"external": {"path": "m.pt", "value_range": [1, 0]}}}, "classifier.external.value_range"),
 ])
 def test_out_of_range_values_are_named(raw, key):

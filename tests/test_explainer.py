@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
 from exaggerate.config import Base
-from exaggerate.explainer import (CheckpointError, TrainingDiverged, architecture, bin_targets, build_networks,
+from exaggerate.explainer import (CheckpointError, TrainingDiverged, architecture, bin_targets, build_networks, lr_factor,
                                   fit, load_generator, series, training_signature, update_ema)
 from exaggerate.networks import Discriminator, Generator
 from exaggerate.posteriors import bin_index
@@ -144,6 +144,25 @@ def test_fit_with_ema_saves_the_average_and_resumes_it(setup, tmp_path, capsys):
     a = torch.load(tmp_path / "a/generator.pt", weights_only=True)["generator"]
     b = torch.load(tmp_path / "b/generator.pt", weights_only=True)["generator"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_decay_falls_linearly_over_the_last_steps():
+    p = dataclasses.replace(TINY_EXPLAINER, steps=100, lr_decay=0.4)
+    assert [lr_factor(s, p) for s in (0, 59, 60, 80, 99)] == [1.0, 1.0, 1.0, 0.5, 0.025]
+    assert lr_factor(99, dataclasses.replace(p, lr_decay=0.0)) == 1.0
+
+
+def test_fit_with_lr_decay_trains_at_the_scheduled_rate_and_pins_the_length(setup, tmp_path):
+    base, ds, splits, f, idx, bins = setup
+    decayed = dataclasses.replace(TINY_EXPLAINER, steps=4, lr_decay=0.5)
+    assert "lr_decay" not in training_signature(base, TINY_EXPLAINER)
+    signature = training_signature(base, decayed)
+    assert signature["lr_decay"] == 0.5 and signature["steps"] == 4
+    fit(ds, idx, bins, splits["val"], f, base, decayed, tmp_path)
+    ckpt = torch.load(sorted((tmp_path / "checkpoints").glob("*/step-*.pt"))[-1], weights_only=True)
+    # The last iteration (index 3) ran at (4 - 3) / 2 of the base rate.
+    assert ckpt["opt_g"]["param_groups"][0]["lr"] == pytest.approx(decayed.lr_g / 2)
+    assert ckpt["opt_d"]["param_groups"][0]["lr"] == pytest.approx(decayed.lr_d / 2)
 
 
 def test_generator_from_other_settings_is_refused(setup, tmp_path):

@@ -158,9 +158,13 @@ class Explainer:
     # paper). The averaged generator is the one saved, scored and shown; it smooths out the
     # oscillation of short GAN runs. Warm-up: decay min(ema_decay, (1 + t) / (10 + t)).
     ema_decay: float = 0.0
+    # Share of the final training steps over which both learning rates fall linearly to zero
+    # (0 = constant, as in the paper). Makes where a short run ends less a matter of chance.
+    lr_decay: float = 0.0
 
     def validate(self, key: str) -> None:
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")
+        _check(0 <= self.lr_decay <= 1, f"{key}.lr_decay", self.lr_decay, "a share of the steps in [0, 1]")
         for name in ("generator_widths", "discriminator_widths"):
             widths = getattr(self, name)
             _check(len(widths) >= 2 and all(w >= 1 for w in widths), f"{key}.{name}", widths,

@@ -66,6 +66,10 @@ def training_signature(base: Base, params: ExplainerParams, inputs_digest: str =
         d.pop(k)
     if not d["ema_decay"]:
         d.pop("ema_decay")  # off: checkpoints from before the option existed still resume
+    if d["lr_decay"]:
+        d["steps"] = params.steps  # the schedule ends at `steps`: another length is another run
+    else:
+        d.pop("lr_decay")
     return {**architecture(base, params), **d, "seed": base.seed, "dataset": base.dataset,
             "target": base.target, "inputs": inputs_digest}
 
@@ -244,11 +248,29 @@ def _bce(p: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tens
     return -(target * torch.log(p) + (1 - target) * torch.log1p(-p)).mean()
 
 
+def lr_factor(step: int, params: ExplainerParams) -> float:
+    """Learning-rate multiplier at iteration `step` (0-based): 1, then falling linearly over the
+    last lr_decay share of the steps so that the final iteration runs at 1/decay_steps."""
+    decay_steps = round(params.lr_decay * params.steps)
+    if decay_steps <= 0:
+        return 1.0
+    return min(1.0, (params.steps - step) / decay_steps)
+
+
+def set_learning_rates(state: TrainState, params: ExplainerParams) -> None:
+    """Stateless schedule: derived from the step alone, so a resumed run continues it exactly."""
+    factor = lr_factor(state.step, params)
+    for opt, lr in ((state.opt_g, params.lr_g), (state.opt_d, params.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+
+
 def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.Tensor, base: Base,
                    params: ExplainerParams, autocast: Callable) -> dict[str, float]:
     """One iteration: a D update, and a G update every n_critic-th iteration."""
     g, d, n = state.g, state.d, base.num_bins
     c_new = torch.randint(n, c_x.shape, generator=state.sampler_rng).to(x.device)
+    set_learning_rates(state, params)
     losses: dict[str, float] = {}
 
     with autocast():
