@@ -48,6 +48,8 @@ def test_compatibility_monotonic_and_flips():
     p_query = np.array([0.1, 0.9, 0.2])
     p_series = np.array([[0.0, 0.8], [0.3, 1.0], [0.0, 0.4]])
     assert M.flips(p_query, p_series).tolist() == [True, True, False]
+    assert M.scalar_objective(0.1, 20.0, 0.002) == pytest.approx(0.14)
+    assert M.scalar_objective(0.1, None, 0.002) is None
     curves = M.compatibility_curves(perfect, np.array([0.1, 0.5, 0.95]))
     assert set(curves) == {"0.0-0.2", "0.4-0.6", "0.8-1.0"}
 

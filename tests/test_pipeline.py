@@ -151,6 +151,9 @@ def test_evaluation_outputs(project):
     for method in ("explainer", "baseline"):
         assert 0 <= m[method]["compatibility_mae"] <= 1 and 0 <= m[method]["flip_rate"] <= 1
         assert m[method]["seconds_per_series"] > 0
+        fid_weight = yaml.safe_load((project / "params.yaml").read_text())["tune"]["fid_weight"]
+        assert m[method]["tuning_objective"] == pytest.approx(
+            m[method]["compatibility_mae"] + fid_weight * m[method]["fid_oracle"])
     assert m["speedup_explainer_vs_baseline"] > 1
     assert "fva" in m["absent"] and "mnac" in m["absent"]
     table = (project / "outputs/evaluate/results.md").read_text()

@@ -26,6 +26,11 @@ def compatibility(p_series: np.ndarray) -> dict:
     return {"compatibility_mae": float(np.abs(p_series - centres).mean()), "compatibility_corr": corr}
 
 
+def scalar_objective(mae: float, fid: Optional[float], fid_weight: float) -> Optional[float]:
+    """The tuning studies' scalarised objective: compatibility MAE + fid_weight * fid_oracle."""
+    return None if fid is None else mae + fid_weight * fid
+
+
 def compatibility_curves(p_series: np.ndarray, p_query: np.ndarray, groups: int = 5) -> dict[str, list]:
     """Mean f(x_c) per target bin, one curve per group of source posteriors (0-0.2, 0.2-0.4, ...)."""
     g = np.minimum((p_query * groups).astype(int), groups - 1)

@@ -114,7 +114,7 @@ class Scorer:
         mae = self.M.compatibility(p)["compatibility_mae"]
         fid = self.M.frechet_distance(self.real, feats)
         return {"compatibility_mae": mae, "fid_oracle": fid,
-                "objective": mae + self.cfg.tune.fid_weight * fid}
+                "objective": self.M.scalar_objective(mae, fid, self.cfg.tune.fid_weight)}
 
 
 def _objective(trial, cfg: Config, paths: dict, scorer: Scorer, parent_run_id: Optional[str]):
