@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
 from exaggerate.config import Base
-from exaggerate.explainer import (CheckpointError, TrainingDiverged, architecture, bin_targets, build_networks, lr_factor,
-                                  fit, load_generator, series, training_signature, update_ema)
+from exaggerate.explainer import (CheckpointError, TrainingDiverged, architecture, bin_targets, build_networks,
+                                  fit, load_generator, lr_factor, series, training_signature, update_ema)
 from exaggerate.networks import Discriminator, Generator
 from exaggerate.posteriors import bin_index
 from helpers import TINY_CLASSIFIER, TINY_EXPLAINER, dataset_and_splits

@@ -148,10 +148,10 @@ def test_mlflow_runs_are_recorded(project, env):
 def test_evaluation_outputs(project):
     import json
     m = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    fid_weight = yaml.safe_load((project / "params.yaml").read_text())["tune"]["fid_weight"]
     for method in ("explainer", "baseline"):
         assert 0 <= m[method]["compatibility_mae"] <= 1 and 0 <= m[method]["flip_rate"] <= 1
         assert m[method]["seconds_per_series"] > 0
-        fid_weight = yaml.safe_load((project / "params.yaml").read_text())["tune"]["fid_weight"]
         assert m[method]["tuning_objective"] == pytest.approx(
             m[method]["compatibility_mae"] + fid_weight * m[method]["fid_oracle"])
     assert m["speedup_explainer_vs_baseline"] > 1
