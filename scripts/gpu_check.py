@@ -7,6 +7,7 @@ images, then prints iterations per second, with and without bf16 autocast.
 
     python scripts/gpu_check.py                    # CUDA, paper settings
     python scripts/gpu_check.py --device cpu --image-size 32 --widths 8 16 --steps 2   # smoke test
+    python scripts/gpu_check.py --params params.yaml --device cpu --cpu-bf16 --channels-last  # the CPU default
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def main() -> None:
     from exaggerate.classifier import BlackBox, build_densenet
     from exaggerate.config import Base, load_config
     from exaggerate.explainer import TrainState, build_networks, explainer_step
+    from exaggerate.utils import channels_last
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="configs/paper-celeba.yaml")
@@ -30,6 +32,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--widths", type=int, nargs="+", default=None, help="override G and D widths")
+    ap.add_argument("--channels-last", action="store_true", help="G, D and f in NHWC layout")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="on CPU, time bf16 autocast too (worth it on CPUs with native bf16)")
     args = ap.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -48,14 +53,16 @@ def main() -> None:
     f = BlackBox(net, base.attributes or [base.target], base.image_size, base.channels).to(device)
 
     results = {}
-    for amp in ([False, True] if device.type == "cuda" else [False]):
+    channels_last(f, enabled=args.channels_last)
+    for amp in ([False, True] if device.type == "cuda" or args.cpu_bf16 else [False]):
         torch.manual_seed(0)
         g, d = build_networks(base, params)
         g, d = g.to(device), d.to(device)
+        channels_last(g, d, enabled=args.channels_last)
         state = TrainState(g, d, torch.optim.Adam(g.parameters(), lr=params.lr_g, betas=tuple(params.betas)),
                            torch.optim.Adam(d.parameters(), lr=params.lr_d, betas=tuple(params.betas)),
                            torch.Generator().manual_seed(0))
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
         x = torch.rand(params.batch_size, base.channels, base.image_size, base.image_size, device=device) * 2 - 1
         c = torch.randint(base.num_bins, (params.batch_size,), device=device)
         for _ in range(args.warmup):
@@ -70,14 +77,15 @@ def main() -> None:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        name = "bf16 autocast" if amp else "float32"
+        name = ("bf16 autocast" if amp else "float32") + (", channels-last" if args.channels_last else "")
         results[name] = args.steps / elapsed
         print(f"{name}: {args.steps / elapsed:.2f} iterations/s at {base.image_size}x{base.image_size}, "
               f"batch {params.batch_size}, n_critic {params.n_critic}, G widths {params.generator_widths}; "
               f"peak GPU memory {mem:.1f} GiB; last losses finite: "
               f"{all(torch.isfinite(torch.tensor(v)) for v in losses.values())}")
     if len(results) == 2:
-        print(f"bf16 / float32 speed ratio: {results['bf16 autocast'] / results['float32']:.2f}")
+        fp32, bf16 = results.values()
+        print(f"bf16 / float32 speed ratio: {bf16 / fp32:.2f}")
 
 
 if __name__ == "__main__":

@@ -200,3 +200,40 @@ def test_architecture_records_what_weights_depend_on():
     arch = architecture(Base(), TINY_EXPLAINER)
     assert arch == {"image_size": 32, "channels": 1, "num_bins": 10, "generator_widths": [8, 16],
                     "discriminator_widths": [8, 16]}
+
+
+def test_channels_last_layout_gives_the_same_series():
+    from exaggerate.utils import channels_last
+    torch.manual_seed(0)
+    g, _ = build_networks(Base(), TINY_EXPLAINER)
+    g.eval()
+    x = torch.randn(3, 1, 32, 32)
+    plain = series(g, x, 10)
+    channels_last(g)
+    w = g.encoder[0].conv1.weight  # (16, 8, 3, 3): the two layouts differ
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert torch.allclose(series(g, x, 10), plain, atol=1e-5)
+
+
+def test_fit_in_bf16_and_channels_last_on_cpu_resumes_bit_for_bit(setup, tmp_path, capsys):
+    import copy
+    base, ds, splits, f, idx, bins = setup
+    f = copy.deepcopy(f)  # fit puts f in channels-last layout; keep the fixture's as it is
+    params = dataclasses.replace(TINY_EXPLAINER, amp=True, channels_last=True)
+    fit(ds, idx, bins, splits["val"], f, base, params, tmp_path / "a")
+    longer = dataclasses.replace(params, steps=6)
+    m = fit(ds, idx, bins, splits["val"], f, base, longer, tmp_path / "a")
+    assert "resuming explainer training at step 4" in capsys.readouterr().out and m["steps_this_run"] == 2
+    fit(ds, idx, bins, splits["val"], f, base, longer, tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "generator.pt", weights_only=True)["generator"]
+    b = torch.load(tmp_path / "b" / "generator.pt", weights_only=True)["generator"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The weights stay float32 (autocast computes in bf16, the parameters are not cast).
+    assert all(v.dtype != torch.bfloat16 for v in a.values())
+    # The saved generator loads into a plain float32, contiguous generator.
+    g = load_generator(tmp_path / "a" / "generator.pt", base, longer)
+    assert g.encoder[0].conv1.weight.is_contiguous()
+    # bf16 training differs from float32 training (the option is not silently ignored on CPU).
+    fit(ds, idx, bins, splits["val"], copy.deepcopy(f), base, dataclasses.replace(longer, amp=False), tmp_path / "c")
+    c = torch.load(tmp_path / "c" / "generator.pt", weights_only=True)["generator"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)

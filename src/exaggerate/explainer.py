@@ -31,7 +31,7 @@ from .datasets import ImageDataset
 from .io import save_figure, save_torch, write_json
 from .networks import Discriminator, Generator
 from .tracking import Tracker
-from .utils import resolve_device, seed_everything
+from .utils import channels_last, resolve_device, seed_everything
 
 LOSS_NAMES = ("d_hinge", "g_adv", "g_cls", "g_cls_cycle", "g_cycle", "g_embedding", "g_total")
 
@@ -337,6 +337,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
     seed_everything(base.seed)
     g, d = build_networks(base, params)
     g, d = g.to(device), d.to(device)
+    channels_last(g, d, f, enabled=params.channels_last)  # before the optimisers see the parameters
     state = TrainState(
         g=g, d=d,
         opt_g=torch.optim.Adam(g.parameters(), lr=params.lr_g, betas=tuple(params.betas)),
@@ -352,10 +353,8 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
         load_checkpoint(last, state, signature, device)
         print(f"resuming explainer training at step {state.step} from {last}")
 
-    use_amp = params.amp and device.type == "cuda"
-    if params.amp and not use_amp:
-        print("explainer.amp is set but there is no CUDA device: training in float32")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if params.amp
+                else contextlib.nullcontext)
     sampler = PairSampler(dataset, indices, bins, params.batch_size, state.sampler_rng)
     x_grid, _ = grid_queries(dataset, val_indices, f, params.grid_queries, base.num_bins, device)
     x_grid = x_grid.to(device)

@@ -21,6 +21,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def channels_last(*modules: torch.nn.Module, enabled: bool = True) -> None:
+    """Put modules' 4-D weights in channels-last (NHWC) layout, in place. Convolutions then
+    return channels-last activations whatever their input's layout; values are unchanged,
+    only the order of floating-point sums inside oneDNN/cuDNN kernels may differ."""
+    if enabled:
+        for m in modules:
+            m.to(memory_format=torch.channels_last)
+
+
 def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
