@@ -19,7 +19,7 @@ from .io import save_figure, write_json, write_text
 from .oracle import Oracle
 from .posteriors import bin_centre
 from .tracking import Tracker
-from .utils import resolve_device
+from .utils import channels_last, resolve_device
 
 
 class EvaluationError(ValueError):
@@ -166,6 +166,8 @@ def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> di
     dataset = open_dataset(base)
     f = load_classifier(paths["train_classifier"], base).to(device)
     g = load_generator(Path(paths["train_explainer"]) / "generator.pt", base, cfg.explainer).to(device)
+    # The same layout for both methods: the baseline's search runs through the same f.
+    channels_last(g, f, enabled=cfg.explain.channels_last)
     oracle = load_oracle(Path(paths["train_oracle"]) / "oracle.pt", base).to(device)
     data = load_series(Path(paths["explain"]) / "series.npz", dataset, f, base.num_bins, base.image_size, device)
     target_column = 0

@@ -18,7 +18,7 @@ from .networks import Generator
 from .metrics import compatibility, monotonic_share
 from .posteriors import bin_index
 from .tracking import Tracker
-from .utils import resolve_device
+from .utils import channels_last, resolve_device
 
 @torch.no_grad()
 def explain_batch(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int) -> dict[str, torch.Tensor]:
@@ -62,6 +62,7 @@ def explain_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> dic
     splits = read_splits(Path(paths["prepare"]) / "splits.json", dataset)
     f = load_classifier(paths["train_classifier"], base).to(device)
     g = load_generator(Path(paths["train_explainer"]) / "generator.pt", base, cfg.explainer).to(device)
+    channels_last(g, f, enabled=cfg.explain.channels_last)
 
     pool = splits[params.split]
     rng = np.random.default_rng(base.seed)
@@ -141,6 +142,7 @@ def explain_files(images: Sequence[str], out: str, params_path: str = "params.ya
         tensors.append(preprocess(read_image_file(path), str(path), convert=convert))
     f = load_classifier(classifier_dir, cfg.base).to(device)
     g = load_generator(generator_path, cfg.base, cfg.explainer).to(device)
+    channels_last(g, f, enabled=cfg.explain.channels_last)
     out_dir = Path(out)
     results = []
     for name, x in zip(images, tensors):
