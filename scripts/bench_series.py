@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import time
 from pathlib import Path
 
@@ -24,8 +25,10 @@ import torch
 def main() -> None:
     from exaggerate.classifier import load_classifier
     from exaggerate.config import load_config
+    from exaggerate.datasets import DatasetError, open_dataset
     from exaggerate.explainer import build_networks, load_generator, series
-    from exaggerate.utils import resolve_device, set_threads
+    from exaggerate.stages import PATHS
+    from exaggerate.utils import channels_last, resolve_device, set_threads
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -38,7 +41,7 @@ def main() -> None:
     base = cfg.base
     set_threads(base.threads)
     device = resolve_device(base.device)
-    gen_path = Path("outputs/explainer/generator.pt")
+    gen_path = Path(PATHS["train_explainer"]) / "generator.pt"
     if gen_path.is_file():
         g = load_generator(gen_path, base, cfg.explainer)
         print(f"generator: {gen_path}")
@@ -49,14 +52,12 @@ def main() -> None:
     g = g.to(device)
     f = None
     try:
-        f = load_classifier("outputs/classifier", base).to(device)
+        f = load_classifier(PATHS["train_classifier"], base).to(device)
     except (FileNotFoundError, OSError) as exc:
         print(f"classifier not found ({exc}): posterior differences are not reported")
     try:
-        from exaggerate.datasets import open_dataset
-        dataset = open_dataset(base)
-        x = dataset.images(np.arange(args.queries)).to(device)
-    except (FileNotFoundError, OSError) as exc:
+        x = open_dataset(base).images(np.arange(args.queries)).to(device)
+    except (DatasetError, OSError) as exc:
         print(f"dataset not found ({exc}): random queries")
         torch.manual_seed(1)
         x = (torch.rand(args.queries, base.channels, base.image_size, base.image_size) * 2 - 1).to(device)
@@ -69,24 +70,17 @@ def main() -> None:
             return torch.cat([series(model, inputs[i:i + args.batch], base.num_bins).float()
                               for i in range(0, len(inputs), args.batch)])
 
-    settings = {
-        "float32": (g, x, "fp32"),
-        "float32 channels_last": (None, None, "fp32"),
-        "bf16 autocast": (g, x, "bf16"),
-        "bf16 autocast channels_last": (None, None, "bf16"),
-    }
-    results = {}
+    g_nhwc = copy.deepcopy(g)
+    channels_last(g_nhwc)
+    settings = {"float32": (g, "fp32"), "float32 channels_last": (g_nhwc, "fp32"),
+                "bf16 autocast": (g, "bf16"), "bf16 autocast channels_last": (g_nhwc, "bf16")}
     reference = None
-    for name, (model, inputs, precision) in settings.items():
-        if model is None:
-            import copy
-            model = copy.deepcopy(g).to(memory_format=torch.channels_last)
-            inputs = x.contiguous(memory_format=torch.channels_last)
-        out = run(model, inputs, precision)  # warm-up
+    for name, (model, precision) in settings.items():
+        out = run(model, x, precision)  # warm-up
         best = float("inf")
         for _ in range(args.repeats):
             start = time.perf_counter()
-            out = run(model, inputs, precision)
+            out = run(model, x, precision)
             best = min(best, time.perf_counter() - start)
         per_series = best / args.queries
         if reference is None:
@@ -98,7 +92,6 @@ def main() -> None:
                 p = f(out.flatten(0, 1)).float()
                 p_ref = f(reference[1].flatten(0, 1)).float()
             line += f"  max |f diff| {float((p - p_ref).abs().max()):.4f}  mean {float((p - p_ref).abs().mean()):.5f}"
-        results[name] = per_series
         print(line, flush=True)
 
 

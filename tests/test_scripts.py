@@ -30,3 +30,15 @@ def test_cli_reports_bad_params_by_key(tmp_path):
     out = subprocess.run([str(Path(sys.executable).parent / "exaggerate"), "params", "--params", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "base.num_bins: got 1, expected an integer >= 2" in out.stderr
+
+
+def test_bench_series_times_every_setting_against_float32(tmp_path):
+    # Run outside the repository: no trained outputs there, so random weights and queries.
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_series.py"), "--params",
+                          str(REPO / "params.yaml"), "--queries", "2", "--repeats", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if "ms/series" in line]
+    assert [r.split("  ")[0].strip() for r in rows] == ["float32", "float32 channels_last", "bf16 autocast",
+                                                         "bf16 autocast channels_last"]
+    assert "x 1.00 vs float32" in rows[0] and "random weights" in out.stdout

@@ -153,8 +153,8 @@ class Explainer:
     log_every: int = 50
     image_every: int = 1000
     grid_queries: int = 6
-    # bf16 autocast in training: on CUDA, and on CPUs with native bf16 (AVX512-BF16, AMX);
-    # elsewhere the CPU emulates bf16 and training gets slower, not faster.
+    # bf16 autocast in training, on CUDA or CPU. It pays on CPUs with native bf16 (AVX512-BF16,
+    # AMX); elsewhere check with scripts/gpu_check.py --device cpu --cpu-bf16 first.
     amp: bool = False
     # Channels-last (NHWC) memory layout for G, D and f in training (oneDNN's faster CPU layout;
     # explain.channels_last is the same for generating series).

@@ -337,7 +337,8 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
     seed_everything(base.seed)
     g, d = build_networks(base, params)
     g, d = g.to(device), d.to(device)
-    channels_last(g, d, f, enabled=params.channels_last)  # before the optimisers see the parameters
+    # Before the optimisers see the parameters. f is changed in place (layout only, same values).
+    channels_last(g, d, f, enabled=params.channels_last)
     state = TrainState(
         g=g, d=d,
         opt_g=torch.optim.Adam(g.parameters(), lr=params.lr_g, betas=tuple(params.betas)),
