@@ -17,6 +17,28 @@ def test_fid_of_a_set_with_itself_is_zero_and_shift_gives_squared_distance():
     assert M.frechet_distance(a[:1], b) is None
 
 
+def test_per_bin_fid_rewards_matching_each_bin_not_copying_the_real_mix():
+    """Real images sit mostly at the two ends (bins 0 and 2), few in the middle bin. A method
+    whose counterfactuals look like the real images of their target bin scores ~0; one that
+    leaves every query as it was scores far worse, though the pooled FID prefers it."""
+    rng = np.random.default_rng(2)
+    centre = {0: -4.0, 1: 0.0, 2: 4.0}
+    real = {k: torch.from_numpy(rng.normal(size=(n, 3)) + centre[k]) for k, n in ((0, 3000), (1, 300), (2, 3000))}
+    q = 2000
+    matched = torch.stack([torch.from_numpy(rng.normal(size=(q, 3)) + centre[k]) for k in range(3)], 1)
+    unchanged = torch.cat([real[0][:q // 2], real[2][:q // 2]])[:, None].expand(q, 3, 3)
+    overall, per_bin = M.per_bin_fid(real, matched)
+    assert overall == pytest.approx(0, abs=0.1) and set(per_bin) == {"0", "1", "2"}
+    worse, per_bin_unchanged = M.per_bin_fid(real, unchanged)
+    assert worse > 20 and all(per_bin_unchanged[k] > 10 for k in per_bin_unchanged)
+    pooled = torch.cat(list(real.values()))
+    assert M.frechet_distance(pooled, unchanged.flatten(0, 1)) < M.frechet_distance(pooled, matched.flatten(0, 1))
+    # A bin without real images is reported as None and left out of the mean; none left gives None.
+    overall, per_bin = M.per_bin_fid({0: real[0], 2: real[2]}, unchanged)
+    assert per_bin["1"] is None and overall == pytest.approx((per_bin["0"] + per_bin["2"]) / 2)
+    assert M.per_bin_fid({}, matched) == (None, {"0": None, "1": None, "2": None})
+
+
 def test_split_fid_is_small_for_the_same_distribution():
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.normal(size=(2000, 4)))

@@ -83,7 +83,7 @@ class Scorer:
         from .classifier import load_classifier
         from .datasets import open_dataset
         from .oracle import load_oracle
-        from .posteriors import read_explainer_inputs
+        from .posteriors import bin_index, read_explainer_inputs
         from .splits import read_splits
 
         self.cfg, self.device, self.M = cfg, device, M
@@ -97,7 +97,11 @@ class Scorer:
         rng = np.random.default_rng(cfg.base.seed)
         pick = np.sort(rng.choice(len(val), size=min(cfg.tune.val_queries, len(val)), replace=False))
         self.queries = self.dataset.images(val[pick])
-        self.real = M.batched(lambda t: self.oracle.features(t.to(device)), self.dataset.images(val))
+        real = self.dataset.images(val)
+        real_feats = M.batched(lambda t: self.oracle.features(t.to(device)), real)
+        real_bins = bin_index(M.batched(lambda t: self.f(t.to(device)), real).numpy(), cfg.base.num_bins)
+        self.real_by_bin = {k: real_feats[real_bins == k] for k in range(cfg.base.num_bins)
+                            if (real_bins == k).sum() >= 2}
 
     @torch.no_grad()
     def __call__(self, g) -> dict[str, float]:
@@ -110,9 +114,9 @@ class Scorer:
         g.train(was_training)
         flat = s.flatten(0, 1)
         p = self.M.batched(lambda t: self.f(t.to(self.device)), flat).reshape(s.shape[:2]).numpy()
-        feats = self.M.batched(lambda t: self.oracle.features(t.to(self.device)), flat)
+        feats = self.M.batched(lambda t: self.oracle.features(t.to(self.device)), flat).reshape(*s.shape[:2], -1)
         mae = self.M.compatibility(p)["compatibility_mae"]
-        fid = self.M.frechet_distance(self.real, feats)
+        fid, _ = self.M.per_bin_fid(self.real_by_bin, feats)
         return {"compatibility_mae": mae, "fid_oracle": fid,
                 "objective": self.M.scalar_objective(mae, fid, self.cfg.tune.fid_weight)}
 
