@@ -112,6 +112,23 @@ def test_fit_writes_generator_and_resumes(setup, tmp_path, capsys):
     assert not all(torch.equal(a[k], v) for k, v in g1.state_dict().items())
 
 
+def test_explainer_seed_defaults_to_base_seed_and_changes_the_run(setup, tmp_path):
+    base, ds, splits, f, idx, bins = setup
+    same = dataclasses.replace(TINY_EXPLAINER, seed=base.seed)
+    assert training_signature(base, TINY_EXPLAINER, "d") == training_signature(base, same, "d")
+    other = dataclasses.replace(TINY_EXPLAINER, seed=base.seed + 1)
+    assert training_signature(base, other, "d")["seed"] == base.seed + 1
+    fit(ds, idx, bins, splits["val"], f, base, TINY_EXPLAINER, tmp_path / "a")
+    fit(ds, idx, bins, splits["val"], f, base, same, tmp_path / "b")
+    fit(ds, idx, bins, splits["val"], f, base, other, tmp_path / "c")
+    a, b, c = (torch.load(tmp_path / k / "generator.pt", weights_only=True)["generator"] for k in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    # Its own checkpoint folder: another seed never resumes this seed's checkpoints.
+    assert {p.name for p in (tmp_path / "a" / "checkpoints").iterdir()} != {
+        p.name for p in (tmp_path / "c" / "checkpoints").iterdir()}
+
+
 def test_update_ema_averages_weights_and_copies_statistics():
     ema, g = Generator(1, [4, 8], 3), Generator(1, [4, 8], 3)
     before = [p.clone() for p in ema.parameters()]

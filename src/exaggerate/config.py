@@ -166,6 +166,9 @@ class Explainer:
     # Share of the final training steps over which both learning rates fall linearly to zero
     # (0 = constant, as in the paper). Makes where a short run ends less a matter of chance.
     lr_decay: float = 0.0
+    # The explainer's own seed (weights, sampling of pairs and target bins); null: base.seed.
+    # Another value retrains only the explainer, to measure how much a short GAN run owes to luck.
+    seed: Optional[int] = None
 
     def validate(self, key: str) -> None:
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")

@@ -58,6 +58,11 @@ def architecture(base: Base, params: ExplainerParams) -> dict:
             "discriminator_widths": list(params.discriminator_widths)}
 
 
+def training_seed(base: Base, params: ExplainerParams) -> int:
+    """explainer.seed, or base.seed when it is null."""
+    return base.seed if params.seed is None else params.seed
+
+
 def training_signature(base: Base, params: ExplainerParams, inputs_digest: str = "") -> dict:
     """What a training run depends on: settings (steps and logging cadence excepted, so that a
     longer run continues a shorter one) and a digest of its inputs (classifier, binned images)."""
@@ -70,7 +75,8 @@ def training_signature(base: Base, params: ExplainerParams, inputs_digest: str =
         d["steps"] = params.steps  # the schedule ends at `steps`: another length is another run
     else:
         d.pop("lr_decay")
-    return {**architecture(base, params), **d, "seed": base.seed, "dataset": base.dataset,
+    d.pop("seed")
+    return {**architecture(base, params), **d, "seed": training_seed(base, params), "dataset": base.dataset,
             "target": base.target, "inputs": inputs_digest}
 
 
@@ -334,7 +340,8 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
     """Train G and D; `on_checkpoint(step, g)` is called after each checkpoint (tuning reports
     intermediate scores there and may stop the run by raising)."""
     device = resolve_device(base.device)
-    seed_everything(base.seed)
+    seed = training_seed(base, params)
+    seed_everything(seed)
     g, d = build_networks(base, params)
     g, d = g.to(device), d.to(device)
     # Before the optimisers see the parameters. f is changed in place (layout only, same values).
@@ -343,7 +350,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
         g=g, d=d,
         opt_g=torch.optim.Adam(g.parameters(), lr=params.lr_g, betas=tuple(params.betas)),
         opt_d=torch.optim.Adam(d.parameters(), lr=params.lr_d, betas=tuple(params.betas)),
-        sampler_rng=torch.Generator().manual_seed(base.seed),
+        sampler_rng=torch.Generator().manual_seed(seed),
         g_ema=copy.deepcopy(g).eval().requires_grad_(False) if params.ema_decay > 0 else None)
     signature = training_signature(base, params, inputs_digest(f, dataset, indices, bins))
     ckpt_dir = _checkpoint_dir(out_dir / "checkpoints", signature)
