@@ -37,6 +37,9 @@ def test_per_bin_fid_rewards_matching_each_bin_not_copying_the_real_mix():
     overall, per_bin = M.per_bin_fid({0: real[0], 2: real[2]}, unchanged)
     assert per_bin["1"] is None and overall == pytest.approx((per_bin["0"] + per_bin["2"]) / 2)
     assert M.per_bin_fid({}, matched) == (None, {"0": None, "1": None, "2": None})
+    # Grouping real features by bin keeps only bins an FID can use (at least 2 images).
+    groups = M.group_by_bin(torch.arange(5.0)[:, None], np.array([0, 0, 1, 2, 2]), 3)
+    assert set(groups) == {0, 2} and groups[2].flatten().tolist() == [3.0, 4.0]
 
 
 def test_split_fid_is_small_for_the_same_distribution():

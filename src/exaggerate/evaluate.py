@@ -177,7 +177,7 @@ def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> di
     real_idx = dataset.index_of([r["id"] for r in rows])
     real_bins = np.array([r["bin"] for r in rows])
     real_feats = M.batched(lambda t: oracle.features(t.to(device)), dataset.images(real_idx))
-    real_by_bin = {k: real_feats[real_bins == k] for k in range(base.num_bins) if (real_bins == k).sum() >= 2}
+    real_by_bin = M.group_by_bin(real_feats, real_bins, base.num_bins)
     for k in range(base.num_bins):
         if k not in real_by_bin:
             absent[f"fid_oracle_per_bin[{k}]"] = f"fewer than 2 real {split} images in bin {k}"

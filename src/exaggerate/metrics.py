@@ -84,6 +84,11 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> Optional[float]:
     return max(float(metric.compute()), 0.0)
 
 
+def group_by_bin(features: torch.Tensor, bins: np.ndarray, num_bins: int) -> dict[int, torch.Tensor]:
+    """Real images' features per posterior bin, for the bins with at least 2 (an FID needs 2)."""
+    return {k: features[bins == k] for k in range(num_bins) if (bins == k).sum() >= 2}
+
+
 def per_bin_fid(real_by_bin: dict[int, torch.Tensor], fake: torch.Tensor) -> tuple[Optional[float], dict]:
     """FID per target bin and overall: counterfactual features `fake` (Q, N, D), column k aimed
     at bin k, against the real images whose posterior lies in bin k. The overall score is the

@@ -100,8 +100,7 @@ class Scorer:
         real = self.dataset.images(val)
         real_feats = M.batched(lambda t: self.oracle.features(t.to(device)), real)
         real_bins = bin_index(M.batched(lambda t: self.f(t.to(device)), real).numpy(), cfg.base.num_bins)
-        self.real_by_bin = {k: real_feats[real_bins == k] for k in range(cfg.base.num_bins)
-                            if (real_bins == k).sum() >= 2}
+        self.real_by_bin = M.group_by_bin(real_feats, real_bins, cfg.base.num_bins)
 
     @torch.no_grad()
     def __call__(self, g) -> dict[str, float]:
