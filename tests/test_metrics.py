@@ -75,6 +75,10 @@ def test_compatibility_monotonic_and_flips():
     assert M.flips(p_query, p_series).tolist() == [True, True, False]
     assert M.scalar_objective(0.1, 20.0, 0.002) == pytest.approx(0.14)
     assert M.scalar_objective(0.1, None, 0.002) is None
+    # The agreement term: weight x (1 - agreement), left out at weight 0, no score without agreement.
+    assert M.scalar_objective(0.1, 20.0, 0.002, agreement=0.6, agreement_weight=0.5) == pytest.approx(0.34)
+    assert M.scalar_objective(0.1, 20.0, 0.002, agreement=0.6) == pytest.approx(0.14)
+    assert M.scalar_objective(0.1, 20.0, 0.002, agreement=None, agreement_weight=0.5) is None
     curves = M.compatibility_curves(perfect, np.array([0.1, 0.5, 0.95]))
     assert set(curves) == {"0.0-0.2", "0.4-0.6", "0.8-1.0"}
 
@@ -120,3 +124,16 @@ def test_face_identity_on_real_faces():
     assert same["fva"] == 1.0 and same["fs"] > 0.99
     diff = face_verification(astronaut[None], other[None])
     assert diff["fva"] == 0.0 and diff["face_distance"] > 0.6
+
+
+def test_results_table_names_the_agreement_term_only_when_it_counts():
+    from exaggerate.evaluate import results_table
+
+    method = {"compatibility_mae": 0.1, "tuning_objective": 0.3}
+    summary = {"queries": 4, "baseline_queries": 2, "explainer": method, "explainer_on_baseline_queries": method,
+               "baseline": method, "absent": {}}
+    plain = results_table(summary)
+    assert "tuning objective: MAE + tune.fid_weight x fid_oracle (lower)" in plain
+    assert "agreement) (lower)" not in plain
+    weighted = results_table({**summary, "tune_agreement_weight": 0.5})
+    assert "fid_oracle + 0.5 x (1 - oracle agreement) (lower) | 0.3 |" in weighted

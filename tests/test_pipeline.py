@@ -2,6 +2,7 @@
 (moto's server on 127.0.0.1), killing and resuming training, and the notebooks."""
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -370,6 +371,13 @@ def test_tune_two_workers_journal_backend_and_resume(project, env, tmp_path):
     assert "dvc exp run -S explainer.lambda" in (project / "results/tune/best_params.yaml").read_text()
     for name in ("trials.csv", "summary.json", "history.png", "importances.png"):
         assert (project / "results/tune" / name).is_file(), name
+    # Complete trials record the oracle agreement; with agreement_weight 0 the objective leaves it out.
+    rows = [r for r in csv.DictReader((project / "results/tune/trials.csv").open()) if r["state"] == "COMPLETE"]
+    assert rows
+    fid_weight = tiny_params()["tune"]["fid_weight"]
+    for r in rows:
+        assert -1.0 <= float(r["oracle_agreement"]) <= 1.0
+        assert float(r["objective"]) == pytest.approx(float(r["compatibility_mae"]) + fid_weight * float(r["fid_oracle"]))
     assert yaml.safe_load((project / "params.yaml").read_text()) == tiny_params()  # never rewritten
     # Rerunning resumes the same study: one more trial when asked for 4.
     before = len(optuna_trials(storage, "journal-study"))

@@ -251,8 +251,10 @@ class Tune:
     trial_steps: int = 300
     eval_every: int = 100
     val_queries: int = 64
-    # Scalar objective: compatibility MAE + fid_weight * fid_oracle.
+    # Scalar objective: compatibility MAE + fid_weight * fid_oracle
+    # + agreement_weight * (1 - oracle agreement); 0 leaves agreement out.
     fid_weight: float = 0.002
+    agreement_weight: float = 0.0
     startup_trials: int = 4
     # No trial is pruned before this many training steps: early GAN scores oscillate (the
     # default weights scored 0.160, 0.126, 0.163, 0.123 at 300..1200 steps), so pruning at the
@@ -278,6 +280,8 @@ class Tune:
         for name in ("n_trials", "workers", "trial_steps", "eval_every", "val_queries"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
         _check(self.heartbeat_s >= 0, f"{key}.heartbeat_s", self.heartbeat_s, "an integer >= 0")
+        for name in ("fid_weight", "agreement_weight"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "a number >= 0")
         _check(0 <= self.prune_after < self.trial_steps, f"{key}.prune_after", self.prune_after,
                f"an integer >= 0 and below tune.trial_steps ({self.trial_steps})")
         _check(self.storage.startswith(("sqlite:", "postgresql", "mysql", "journal:")), f"{key}.storage",

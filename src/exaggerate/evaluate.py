@@ -107,8 +107,6 @@ def evaluate_method(name: str, series: torch.Tensor, data: dict, f: BlackBox, or
     # All counterfactuals against all real images as they come (mostly at the two ends): kept
     # for comparison, it favours series that stay close to their queries (README, "Measured").
     out["fid_oracle_pooled"] = M.frechet_distance(real_features, feats.flatten(0, 1))
-    # The tuning studies' objective, so that `dvc metrics diff` compares experiments on it directly.
-    out["tuning_objective"] = M.scalar_objective(out["compatibility_mae"], out["fid_oracle"], cfg.tune.fid_weight)
 
     end = M.far_end(p_query)
     x_cf = series[torch.arange(q), torch.from_numpy(end)]
@@ -132,6 +130,9 @@ def evaluate_method(name: str, series: torch.Tensor, data: dict, f: BlackBox, or
     target_index = oracle.names.index(cfg.base.target) if cfg.base.target in oracle.names else None
     if target_index is not None:
         out["oracle_agreement"] = M.oracle_agreement(probs[:, target_index].reshape(q, n).numpy())
+    # The tuning studies' objective, so that `dvc metrics diff` compares experiments on it directly.
+    out["tuning_objective"] = M.scalar_objective(out["compatibility_mae"], out["fid_oracle"], cfg.tune.fid_weight,
+                                                 out.get("oracle_agreement"), cfg.tune.agreement_weight)
     if oracle.kind == "multilabel" and int(ok.sum()) >= 2 and target_index is not None:
         px = M.batched(lambda t: oracle.probabilities(t.to(device)), x[ok]).numpy()
         pcf = probs.reshape(q, n, -1)[torch.arange(q), torch.from_numpy(end)][ok].numpy()
@@ -220,6 +221,8 @@ def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> di
         "explainer": results["explainer"], "explainer_on_baseline_queries": results["explainer_subset"],
         "baseline": results["baseline"], "absent": absent,
     }
+    if cfg.tune.agreement_weight:  # only then: the default's metrics file stays as it was
+        summary["tune_agreement_weight"] = cfg.tune.agreement_weight
     write_json(out_dir / "metrics.json", summary)
     write_text(out_dir / "results.md", results_table(summary))
     tracker.metrics({f"{m}_{k}": v for m in ("explainer", "baseline") for k, v in results[m].items()
@@ -275,6 +278,8 @@ def results_table(summary: dict) -> str:
             ("baseline", f"baseline ({summary['baseline_queries']} queries)")]
     lines = ["| metric | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for key, label in TABLE_ROWS:
+        if key == "tuning_objective" and summary.get("tune_agreement_weight"):
+            label = label.replace(" (lower)", f" + {summary['tune_agreement_weight']:g} x (1 - oracle agreement) (lower)")
         lines.append(f"| {label} | " + " | ".join(fmt(summary[c].get(key)) for c, _ in cols) + " |")
     lines.append("")
     if summary.get("speedup_explainer_vs_baseline"):

@@ -26,9 +26,19 @@ def compatibility(p_series: np.ndarray) -> dict:
     return {"compatibility_mae": float(np.abs(p_series - centres).mean()), "compatibility_corr": corr}
 
 
-def scalar_objective(mae: float, fid: Optional[float], fid_weight: float) -> Optional[float]:
-    """The tuning studies' scalarised objective: compatibility MAE + fid_weight * fid_oracle."""
-    return None if fid is None else mae + fid_weight * fid
+def scalar_objective(mae: float, fid: Optional[float], fid_weight: float, agreement: Optional[float] = None,
+                     agreement_weight: float = 0.0) -> Optional[float]:
+    """The tuning studies' scalarised objective, lower is better: compatibility MAE
+    + fid_weight * fid_oracle + agreement_weight * (1 - oracle agreement). The agreement term
+    is left out when its weight is 0; with a weight, a missing agreement gives no score."""
+    if fid is None:
+        return None
+    value = mae + fid_weight * fid
+    if agreement_weight > 0:
+        if agreement is None:
+            return None
+        value += agreement_weight * (1.0 - agreement)
+    return value
 
 
 def compatibility_curves(p_series: np.ndarray, p_query: np.ndarray, groups: int = 5) -> dict[str, list]:

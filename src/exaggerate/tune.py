@@ -2,8 +2,9 @@
 
 Each trial trains an explainer for `tune.trial_steps` iterations and scores it on validation
 queries with the evaluation code: compatibility MAE with f and fid_oracle of the series against
-real validation images. Modes: "multi" (both objectives, Pareto front, NSGA-II) and "scalar"
-(MAE + fid_weight * fid_oracle, TPE, intermediate scores with a MedianPruner).
+real validation images, and the oracle's agreement. Modes: "multi" (MAE and fid_oracle, Pareto
+front, NSGA-II) and "scalar" (MAE + fid_weight * fid_oracle + agreement_weight * (1 - oracle
+agreement), TPE, intermediate scores with a MedianPruner).
 
 Storage: an RDB URL (sqlite:///optuna.db by default, postgresql://... for many machines; with
 heartbeats, so a killed worker's trial is failed and retried) or "journal:FILE" (several
@@ -76,7 +77,8 @@ def sample_params(trial, cfg: Config):
 
 
 class Scorer:
-    """Scores a generator on fixed validation queries: compatibility MAE and fid_oracle."""
+    """Scores a generator on fixed validation queries: compatibility MAE, fid_oracle and oracle
+    agreement, and the scalar objective built from them."""
 
     def __init__(self, cfg: Config, paths: dict, device: torch.device):
         from . import metrics as M
@@ -101,6 +103,11 @@ class Scorer:
         real_feats = M.batched(lambda t: self.oracle.features(t.to(device)), real)
         real_bins = bin_index(M.batched(lambda t: self.f(t.to(device)), real).numpy(), cfg.base.num_bins)
         self.real_by_bin = M.group_by_bin(real_feats, real_bins, cfg.base.num_bins)
+        names = self.oracle.names
+        self.target_index = names.index(cfg.base.target) if cfg.base.target in names else None
+        if cfg.tune.agreement_weight > 0 and self.target_index is None:
+            raise ValueError(f"tune.agreement_weight is {cfg.tune.agreement_weight} but the oracle has no output "
+                             f"named {cfg.base.target!r} (base.target); set tune.agreement_weight to 0")
 
     @torch.no_grad()
     def __call__(self, g) -> dict[str, float]:
@@ -116,8 +123,15 @@ class Scorer:
         feats = self.M.batched(lambda t: self.oracle.features(t.to(self.device)), flat).reshape(*s.shape[:2], -1)
         mae = self.M.compatibility(p)["compatibility_mae"]
         fid, _ = self.M.per_bin_fid(self.real_by_bin, feats)
-        return {"compatibility_mae": mae, "fid_oracle": fid,
-                "objective": self.M.scalar_objective(mae, fid, self.cfg.tune.fid_weight)}
+        scores = {"compatibility_mae": mae, "fid_oracle": fid}
+        agreement = None
+        if self.target_index is not None:
+            probs = self.M.batched(lambda t: self.oracle.probabilities(t.to(self.device)), flat)
+            agreement = self.M.oracle_agreement(probs[:, self.target_index].reshape(s.shape[:2]).numpy())
+            scores["oracle_agreement"] = agreement
+        t = self.cfg.tune
+        scores["objective"] = self.M.scalar_objective(mae, fid, t.fid_weight, agreement, t.agreement_weight)
+        return scores
 
 
 def _objective(trial, cfg: Config, paths: dict, scorer: Scorer, parent_run_id: Optional[str]):
@@ -298,11 +312,13 @@ def summarise(study, cfg: Config, out_dir: Path) -> dict:
     names = sorted({k for tr in trials for k in tr.params})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["number", "state", *names, "compatibility_mae", "fid_oracle", "objective", "default", "reason"])
+    w.writerow(["number", "state", *names, "compatibility_mae", "fid_oracle", "oracle_agreement", "objective",
+                "default", "reason"])
     for tr in trials:
         ua = tr.user_attrs
         w.writerow([tr.number, tr.state.name, *[tr.params.get(k, "") for k in names],
-                    ua.get("compatibility_mae", ""), ua.get("fid_oracle", ""), ua.get("objective", ""),
+                    ua.get("compatibility_mae", ""), ua.get("fid_oracle", ""), ua.get("oracle_agreement", ""),
+                    ua.get("objective", ""),
                     ua.get("is_default", False), ua.get("fail_reason", "")])
     write_text(out_dir / "trials.csv", buf.getvalue())
 
@@ -350,7 +366,10 @@ def _plots(study, complete, cfg: Config, out_dir: Path, plots) -> None:
     ax.plot(xs, ys, "o", label="trial")
     ax.plot(xs, np.minimum.accumulate(ys), "-", label="best so far")
     ax.set_xlabel("trial")
-    ax.set_ylabel(f"MAE + {cfg.tune.fid_weight:g} x fid_oracle")
+    label = f"MAE + {cfg.tune.fid_weight:g} x fid_oracle"
+    if cfg.tune.agreement_weight and not multi:
+        label += f" + {cfg.tune.agreement_weight:g} x (1 - agr.)"
+    ax.set_ylabel(label)
     ax.legend()
     save_figure(out_dir / "history.png", fig)
     plots.close(fig)
