@@ -137,3 +137,12 @@ def test_results_table_names_the_agreement_term_only_when_it_counts():
     assert "agreement) (lower)" not in plain
     weighted = results_table({**summary, "tune_agreement_weight": 0.5})
     assert "fid_oracle + 0.5 x (1 - oracle agreement) (lower) | 0.3 |" in weighted
+
+
+def test_oracle_index_of_names_its_columns():
+    from exaggerate.oracle import Oracle, OracleNet
+
+    oracle = Oracle(OracleNet(1, [4], 8, 3), ["Sneaker", "Bag", "Ankle boot"], "multiclass")
+    assert oracle.index_of("Ankle boot") == 2
+    assert oracle.index_of("Sneaker") == 0
+    assert oracle.index_of("Smiling") is None

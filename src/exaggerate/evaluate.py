@@ -127,7 +127,7 @@ def evaluate_method(name: str, series: torch.Tensor, data: dict, f: BlackBox, or
         absent[f"{name}: counterfactual metrics"] = "fewer than 2 queries flipped their decision"
 
     probs = M.batched(lambda t: oracle.probabilities(t.to(device)), flat)
-    target_index = oracle.names.index(cfg.base.target) if cfg.base.target in oracle.names else None
+    target_index = oracle.index_of(cfg.base.target)
     if target_index is not None:
         out["oracle_agreement"] = M.oracle_agreement(probs[:, target_index].reshape(q, n).numpy())
     # The tuning studies' objective, so that `dvc metrics diff` compares experiments on it directly.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -57,6 +58,10 @@ class Oracle(nn.Module):
 
     def train(self, mode: bool = True):
         return super().train(False)
+
+    def index_of(self, name: str) -> Optional[int]:
+        """The output column of a class or attribute, None when the oracle has none of that name."""
+        return self.names.index(name) if name in self.names else None
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net(x)

@@ -103,8 +103,7 @@ class Scorer:
         real_feats = M.batched(lambda t: self.oracle.features(t.to(device)), real)
         real_bins = bin_index(M.batched(lambda t: self.f(t.to(device)), real).numpy(), cfg.base.num_bins)
         self.real_by_bin = M.group_by_bin(real_feats, real_bins, cfg.base.num_bins)
-        names = self.oracle.names
-        self.target_index = names.index(cfg.base.target) if cfg.base.target in names else None
+        self.target_index = self.oracle.index_of(cfg.base.target)
         if cfg.tune.agreement_weight > 0 and self.target_index is None:
             raise ValueError(f"tune.agreement_weight is {cfg.tune.agreement_weight} but the oracle has no output "
                              f"named {cfg.base.target!r} (base.target); set tune.agreement_weight to 0")
