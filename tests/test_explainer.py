@@ -6,8 +6,9 @@ import torch.nn as nn
 
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
 from exaggerate.config import Base
-from exaggerate.explainer import (CheckpointError, TrainingDiverged, architecture, bin_targets, build_networks,
-                                  fit, load_generator, lr_factor, series, training_signature, update_ema)
+from exaggerate.explainer import (CheckpointError, TrainingDiverged, _bce, architecture, bin_targets, build_networks,
+                                  check_signature, cls_weights, fit, load_generator, lr_factor, series,
+                                  training_signature, update_ema)
 from exaggerate.networks import Discriminator, Generator
 from exaggerate.posteriors import bin_index
 from helpers import TINY_CLASSIFIER, TINY_EXPLAINER, dataset_and_splits
@@ -72,6 +73,42 @@ def test_bin_targets():
     c = torch.tensor([0, 4, 9])
     assert torch.allclose(bin_targets(c, 10, "centre"), torch.tensor([0.05, 0.45, 0.95]))
     assert torch.allclose(bin_targets(c, 10, "lower"), torch.tensor([0.0, 0.4, 0.9]))
+
+
+def test_variance_weighting_costs_a_posterior_error_the_same_in_every_bin():
+    uniform, variance = TINY_EXPLAINER, dataclasses.replace(TINY_EXPLAINER, cls_weighting="variance")
+    every = torch.arange(10)
+    assert cls_weights(every, 10, uniform) is None
+    w = cls_weights(every, 10, variance)
+    assert w.mean().item() == pytest.approx(1.0)  # lambda_cls keeps its scale
+    assert torch.allclose(w, w.flip(0))
+    assert w[0] / w[4] == pytest.approx(0.05 * 0.95 / (0.45 * 0.55))
+    # Bin 0 keeps a weight under the original code's lower-edge target (t = 0 there).
+    assert torch.allclose(cls_weights(every, 10, dataclasses.replace(variance, target="lower")), w)
+
+    def extra_cost(c: int, weighting) -> float:  # the loss a posterior 0.01 off its target adds
+        t = bin_targets(torch.tensor([c]), 10, "centre").double()
+        weight = cls_weights(torch.tensor([c]), 10, weighting)
+        off = _bce(t + 0.01, t, weight=weight) + _bce(t - 0.01, t, weight=weight)
+        return (off / 2 - _bce(t, t, weight=weight)).item()  # either way, on average
+
+    assert extra_cost(0, uniform) > 4 * extra_cost(4, uniform)  # plain BCE: the end bins cost 5x
+    assert extra_cost(0, variance) == pytest.approx(extra_cost(4, variance), rel=0.1)
+
+
+def test_signature_leaves_out_original_options_and_refuses_the_others(setup):
+    base = setup[0]
+    plain = training_signature(base, TINY_EXPLAINER)
+    assert "cls_weighting" not in plain and "cls_target" not in plain and plain["target"] == base.target
+    weighted = training_signature(base, dataclasses.replace(TINY_EXPLAINER, cls_weighting="variance"))
+    assert weighted["cls_weighting"] == "variance"
+    assert training_signature(base, dataclasses.replace(TINY_EXPLAINER, target="lower"))["cls_target"] == "lower"
+    # A checkpoint of the weighted run is refused under the original settings, and vice versa.
+    with pytest.raises(CheckpointError, match="cls_weighting='variance'.*cls_weighting=None"):
+        check_signature(weighted, plain, "step-00000002.pt")
+    with pytest.raises(CheckpointError, match="cls_weighting=None.*cls_weighting='variance'"):
+        check_signature(plain, weighted, "step-00000002.pt")
+    check_signature(plain, dict(plain), "step-00000002.pt")
 
 
 def test_explanation_does_not_depend_on_batch():

@@ -142,6 +142,11 @@ class Explainer:
     lambda_cls: float = 1.0
     # Classifier-consistency target t(c'): bin "centre" (c'+0.5)/N, or "lower" edge c'/N (original code).
     target: str = field(default="centre", metadata=_choices("centre", "lower"))
+    # Weight of each image's classifier-consistency BCE by its target bin: "uniform" (the paper)
+    # or "variance": t(1-t) / mean over bins of t(1-t). Near the target, BCE costs a posterior
+    # error e about e^2 / (2 t (1-t)), 5x more at the end bins than in the middle ones;
+    # "variance" makes that cost the same in every bin, as the compatibility MAE counts it.
+    cls_weighting: str = field(default="uniform", metadata=_choices("uniform", "variance"))
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.9])

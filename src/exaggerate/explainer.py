@@ -76,6 +76,13 @@ def training_signature(base: Base, params: ExplainerParams, inputs_digest: str =
     else:
         d.pop("lr_decay")
     d.pop("seed")
+    # Options at their original value stay out, so that checkpoints from before they existed
+    # still resume. "target" names base.target (the class explained) in the signature, so the
+    # classifier-consistency target goes in as cls_target.
+    if d.pop("cls_weighting") != "uniform":
+        d["cls_weighting"] = params.cls_weighting
+    if d.pop("target") != "centre":
+        d["cls_target"] = params.target
     return {**architecture(base, params), **d, "seed": training_seed(base, params), "dataset": base.dataset,
             "target": base.target, "inputs": inputs_digest}
 
@@ -92,10 +99,12 @@ def inputs_digest(f: BlackBox, dataset: ImageDataset, indices: np.ndarray, bins:
 
 
 def check_signature(found: dict, expected: dict, source: str) -> None:
-    for key in expected:
-        if found.get(key) != expected[key]:
+    # Both ways: a setting that only the file records (an option away from its original value,
+    # which the current settings leave out) is a mismatch too.
+    for key in [*expected, *(k for k in found if k not in expected)]:
+        if found.get(key) != expected.get(key):
             raise CheckpointError(f"{source} was made with {key}={found.get(key)!r}, but the current "
-                                  f"settings say {key}={expected[key]!r}; refusing to load it")
+                                  f"settings say {key}={expected.get(key)!r}; refusing to load it")
 
 
 def build_networks(base: Base, params: ExplainerParams) -> tuple[Generator, Discriminator]:
@@ -247,11 +256,26 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _bce(p: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Binary cross-entropy of probabilities; unlike F.binary_cross_entropy it lets a NaN
-    posterior through as a NaN loss (reported with its step) instead of raising."""
+def _bce(p: torch.Tensor, target: torch.Tensor, eps: float = 1e-6,
+         weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Binary cross-entropy of probabilities, optionally weighted per image; unlike
+    F.binary_cross_entropy it lets a NaN posterior through as a NaN loss (reported with its
+    step) instead of raising."""
     p = p.clamp(eps, 1 - eps)
-    return -(target * torch.log(p) + (1 - target) * torch.log1p(-p)).mean()
+    loss = -(target * torch.log(p) + (1 - target) * torch.log1p(-p))
+    return (loss if weight is None else loss * weight).mean()
+
+
+def cls_weights(c: torch.Tensor, num_bins: int, params: ExplainerParams) -> Optional[torch.Tensor]:
+    """Per-image weights of the classifier-consistency term (explainer.cls_weighting): None for
+    "uniform"; for "variance" m(1 - m) over its mean across the bins, m the bin centre (also
+    under target "lower", whose bin 0 would otherwise get weight 0), so that the weights average
+    1 over uniformly drawn bins and lambda_cls keeps its scale."""
+    if params.cls_weighting == "uniform":
+        return None
+    every = bin_targets(torch.arange(num_bins), num_bins, "centre")
+    t = bin_targets(c, num_bins, "centre")
+    return t * (1 - t) / (every * (1 - every)).mean().to(t.device)
 
 
 def lr_factor(step: int, params: ExplainerParams) -> float:
@@ -298,7 +322,7 @@ def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.T
                 p_x = f(x).float()
             g_adv = -params.lambda_gan * d(x_fake, c_new).mean()
             p_fake, p_cycle = f(x_fake).float(), f(x_cycle).float()
-            cls = _bce(p_fake, bin_targets(c_new, n, params.target))
+            cls = _bce(p_fake, bin_targets(c_new, n, params.target), weight=cls_weights(c_new, n, params))
             cls_cycle = _bce(p_cycle, p_x)
             cycle = (x - x_cycle).abs().mean()
             embedding = (embed_x - embed_fake).pow(2).mean()
