@@ -7,8 +7,10 @@ import torch.nn as nn
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
 from exaggerate.config import Base
 from exaggerate.explainer import (CheckpointError, TrainingDiverged, _bce, architecture, bin_targets, build_networks,
-                                  check_signature, cls_weights, fit, load_generator, lr_factor, series,
-                                  training_signature, update_ema)
+                                  calibrated_conditions, check_signature, cls_weights, explain_series, fit,
+                                  load_generator, lr_factor, series, training_signature, update_ema)
+from exaggerate.metrics import compatibility
+from exaggerate.networks import ConditionalBatchNorm2d
 from exaggerate.networks import Discriminator, Generator
 from exaggerate.posteriors import bin_index
 from helpers import TINY_CLASSIFIER, TINY_EXPLAINER, dataset_and_splits
@@ -109,6 +111,88 @@ def test_signature_leaves_out_original_options_and_refuses_the_others(setup):
     with pytest.raises(CheckpointError, match="cls_weighting=None.*cls_weighting='variance'"):
         check_signature(plain, weighted, "step-00000002.pt")
     check_signature(plain, dict(plain), "step-00000002.pt")
+
+
+def test_conditional_norm_interpolates_between_bins_and_folds_statistics_in_eval():
+    torch.manual_seed(0)
+    norm = ConditionalBatchNorm2d(3, num_bins=4)
+    nn.init.normal_(norm.gamma.weight)
+    nn.init.normal_(norm.beta.weight)
+    norm.bn.running_mean.normal_()
+    norm.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 5, 5)
+    whole = torch.tensor([0, 2, 3])
+    for mode in (norm.train, norm.eval):
+        mode()
+        # A whole-number float condition is exactly the bin's; 3.7 clamps to the last bin's pair.
+        assert torch.equal(norm(x, whole.float()), norm(x, whole))
+        half = norm(x, torch.tensor([0.5, 2.5, 3.0]))
+        lo, hi = norm(x, torch.tensor([0, 2, 3])), norm(x, torch.tensor([1, 3, 3]))
+        if norm.training:  # batch statistics: the same normalised input for every condition
+            assert torch.allclose(half, (lo + hi) / 2, atol=1e-5)
+    norm.eval()
+    plain = norm.bn(x) * norm.gamma(whole)[:, :, None, None] + norm.beta(whole)[:, :, None, None]
+    assert torch.allclose(norm(x, whole), plain, atol=1e-5)
+    assert torch.allclose(norm(x, torch.tensor([0.5, 2.5, 3.0])),
+                          (norm(x, torch.tensor([0, 2, 3])) + norm(x, torch.tensor([1, 3, 3]))) / 2, atol=1e-5)
+
+
+class FillGenerator(nn.Module):
+    """G(x, t): an image filled with t, whatever x is."""
+
+    def forward(self, x, c):
+        return c.float()[:, None, None, None].expand(-1, *x.shape[1:]).clone()
+
+
+class MeanScore(nn.Module):
+    """f: a given function of the image mean."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x.mean(dim=(1, 2, 3)))
+
+
+def test_calibrated_conditions_land_the_posterior_on_the_bin_centres():
+    x = torch.zeros(2, 1, 4, 4)
+    centres = (torch.arange(10) + 0.5) / 10
+    # f linear in the condition, f(t) = t / 9: the inversion is exact with any number of probes.
+    linear = MeanScore(lambda m: m / 9)
+    for probes in (2, 4, 10):
+        t = calibrated_conditions(FillGenerator(), linear, x, 10, probes)
+        assert torch.allclose(t, (9 * centres).expand(2, 10), atol=1e-3)
+    s, t = explain_series(FillGenerator(), linear, x, 10, probes=4)
+    p = linear(s.flatten(0, 1)).reshape(2, 10).numpy()
+    assert compatibility(p)["compatibility_mae"] < 1e-3
+    # Without probes: the paper's series at the bins themselves.
+    s, t = explain_series(FillGenerator(), linear, x, 10, probes=0)
+    assert torch.equal(t, torch.arange(10.0).expand(2, 10)) and torch.equal(s[:, 3], torch.full((2, 1, 4, 4), 3.0))
+    # f covering only [0.3, 0.6] along the conditions: centres outside get the end conditions,
+    # and a dip in f (not monotone) does not send the conditions backwards.
+    narrow = MeanScore(lambda m: 0.3 + m / 30 - 0.05 * ((m - 4).abs() < 0.6).float())
+    t = calibrated_conditions(FillGenerator(), narrow, x, 10, probes=10)[0]
+    assert t[0] == 0 and t[1] == 0 and t[-1] == 9 and t[-2] == 9
+    assert torch.all(t[1:] >= t[:-1])
+    # Centre 0.45 lies between probe 4 (its dip to 0.383 raised to f(3) = 0.4 by the envelope)
+    # and probe 5 (0.467): three quarters of the way.
+    assert t[4] == pytest.approx(4.75, abs=1e-3)
+
+
+def test_calibrated_series_of_an_image_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    g, _ = build_networks(Base(), TINY_EXPLAINER)
+    g.train()
+    with torch.no_grad():  # move the running statistics away from their initial values
+        g(torch.randn(16, 1, 32, 32), torch.randint(10, (16,)))
+    g.eval()
+    f = MeanScore(torch.sigmoid)
+    x = torch.randn(5, 1, 32, 32)
+    alone, t_alone = explain_series(g, f, x[2:3], 10, probes=4)
+    batch, t_batch = explain_series(g, f, x, 10, probes=4)
+    assert torch.allclose(t_alone[0], t_batch[2], atol=1e-5)
+    assert torch.allclose(alone[0], batch[2], atol=1e-5)
 
 
 def test_explanation_does_not_depend_on_batch():

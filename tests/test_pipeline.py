@@ -108,6 +108,13 @@ def test_pipeline_outputs(project):
     import json
     m = json.loads((project / "outputs/explain/metrics.json").read_text())
     assert m["queries"] == 12 and 0 <= m["compatibility_mae"] <= 1
+    # Calibrated series (explain.probes in params.yaml): each generated at recorded conditions,
+    # non-decreasing along the series and inside the generator's range of bins.
+    table = json.loads((project / "outputs/explain/series.json").read_text())
+    assert table["probes"] == tiny_params()["explain"]["probes"] >= 2
+    for q in table["queries"]:
+        t = q["conditions"]
+        assert len(t) == 10 and 0 <= t[0] and t[-1] <= 9 and all(a <= b for a, b in zip(t, t[1:]))
 
 
 def test_second_repro_does_nothing(project, env):
@@ -265,7 +272,7 @@ def test_explain_command_on_user_files(project, env, tmp_path):
     assert "p=" in out.stdout
     import json
     res = json.loads((tmp_path / "out" / "posteriors.json").read_text())
-    assert len(res["images"][0]["p_series"]) == 10
+    assert len(res["images"][0]["p_series"]) == 10 and len(res["images"][0]["conditions"]) == 10
     assert (tmp_path / "out" / "my_boot_series.png").stat().st_size > 1000
 
     bad = run([str(BIN / "exaggerate"), "explain", str(tmp_path / "colour.jpg"), "--out", str(tmp_path / "o2")],

@@ -199,10 +199,18 @@ class Explain:
     # evaluate stage (both methods, so the timing stays fair) and `exaggerate explain`.
     # Same values up to float rounding, faster on CPU.
     channels_last: bool = False
+    # Calibrated series: 0 = the paper's series, G(x, c) for c = 0..N-1 (one generator pass).
+    # probes >= 2: a first pass generates G(x, t) at `probes` evenly spaced conditions t in
+    # [0, N-1] (between bins, gamma and beta are interpolated) and f scores them; the series is
+    # then generated at the conditions where the interpolated posterior crosses each bin centre.
+    # A second generator pass and `probes` more images through G and f per query. Used by
+    # explain, evaluate (for the explainer and its timing), tuning and `exaggerate explain`.
+    probes: int = 0
 
     def validate(self, key: str) -> None:
         _check(self.num_queries >= 1, f"{key}.num_queries", self.num_queries, "an integer >= 1")
         _check(self.strips >= 0, f"{key}.strips", self.strips, "an integer >= 0")
+        _check(self.probes == 0 or self.probes >= 2, f"{key}.probes", self.probes, "0 (off) or an integer >= 2")
 
 
 @dataclass(frozen=True)
@@ -237,9 +245,13 @@ class Evaluate:
     # Local file of the standard Inception-v3 FID weights (pt_inception-2015-12-05); empty: skip.
     inception_weights: str = ""
     batch_size: int = 100
+    # Queries per call while each method generates its timed series (the same for both). Per
+    # series, both ran fastest near 10 on a 2-core CPU (README, "Measured").
+    series_batch: int = 100
 
     def validate(self, key: str) -> None:
         _check(self.baseline_queries >= 2, f"{key}.baseline_queries", self.baseline_queries, "an integer >= 2")
+        _check(self.series_batch >= 1, f"{key}.series_batch", self.series_batch, "an integer >= 1")
         _check(self.baseline_steps >= 1, f"{key}.baseline_steps", self.baseline_steps, "an integer >= 1")
         _check(self.cout_steps >= 2, f"{key}.cout_steps", self.cout_steps, "an integer >= 2")
 

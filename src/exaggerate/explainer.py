@@ -168,12 +168,47 @@ def grid_queries(dataset: ImageDataset, val_indices: np.ndarray, f: BlackBox, co
 
 
 @torch.no_grad()
-def series(g: Generator, x: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """x_0 ... x_{N-1} for each image: one batched generator call, shape (B, N, C, H, W)."""
+def series(g: Generator, x: torch.Tensor, num_bins: int, conditions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x_0 ... x_{N-1} for each image: one batched generator call, shape (B, N, C, H, W); at the
+    bins 0..N-1, or at real-valued `conditions` of shape (B, N) (calibrated_conditions)."""
     b = x.shape[0]
-    c = torch.arange(num_bins, device=x.device).repeat(b)
+    c = torch.arange(num_bins, device=x.device).repeat(b) if conditions is None else conditions.flatten()
     out = g(x.repeat_interleave(num_bins, dim=0), c)
     return out.reshape(b, num_bins, *x.shape[1:])
+
+
+@torch.no_grad()
+def calibrated_conditions(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, probes: int) -> torch.Tensor:
+    """Per image, the generator conditions t_0 <= ... <= t_{N-1} in [0, N-1] at which f's
+    posterior should sit at the bin centres (shape (B, N)).
+
+    G(x, t) is generated at `probes` evenly spaced conditions and f scores each; f as a function
+    of t is taken piecewise linear between them (made non-decreasing along t), and inverted at
+    every bin centre. Centres below the first probe's posterior get t = 0, above the last
+    t = N - 1: the generator has no condition beyond its end bins.
+    """
+    b, dev = x.shape[0], x.device
+    grid = torch.linspace(0, num_bins - 1, probes, device=dev)
+    p = f(g(x.repeat_interleave(probes, dim=0), grid.repeat(b))).reshape(b, probes).float()
+    # Non-decreasing, then strictly increasing by a negligible ramp so that no segment is flat.
+    p = torch.cummax(p, dim=1).values + torch.arange(probes, device=dev) * 1e-6
+    centres = bin_targets(torch.arange(num_bins, device=dev), num_bins, "centre").expand(b, num_bins).contiguous()
+    hi = torch.searchsorted(p, centres).clamp(1, probes - 1)
+    p_lo, p_hi = p.gather(1, hi - 1), p.gather(1, hi)
+    share = ((centres - p_lo) / (p_hi - p_lo)).clamp(0, 1)
+    return torch.lerp(grid[hi - 1], grid[hi], share)
+
+
+@torch.no_grad()
+def explain_series(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int,
+                   probes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The series (B, N, C, H, W) and the conditions it was generated at (B, N): the bins
+    themselves when probes is 0 (the paper), calibrated ones otherwise (explain.probes)."""
+    if probes:
+        conditions = calibrated_conditions(g, f, x, num_bins, probes)
+    else:
+        conditions = torch.arange(num_bins, device=x.device, dtype=torch.float32).expand(x.shape[0], num_bins)
+    return series(g, x, num_bins, None if not probes else conditions), conditions
 
 
 def series_figure(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, title: str):

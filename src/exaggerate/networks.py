@@ -16,7 +16,13 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 
 class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm without its own affine part, then gamma[c], beta[c] of the image's bin."""
+    """BatchNorm without its own affine part, then gamma[c], beta[c] of the image's bin.
+
+    c is one bin index per image (integers, as in training), or a real-valued condition in
+    [0, num_bins - 1] (floats): gamma and beta are then interpolated linearly between the two
+    neighbouring bins, which the calibrated series (explainer.calibrated_conditions) uses to
+    land f's posterior on the bin centres. A whole-number float gives exactly the bin's pair.
+    """
 
     def __init__(self, channels: int, num_bins: int):
         super().__init__()
@@ -26,8 +32,24 @@ class ConditionalBatchNorm2d(nn.Module):
         nn.init.ones_(self.gamma.weight)
         nn.init.zeros_(self.beta.weight)
 
+    def _lookup(self, table: nn.Embedding, c: torch.Tensor) -> torch.Tensor:
+        if not c.is_floating_point():
+            return table(c)
+        lo = c.floor().clamp(0, table.num_embeddings - 1)
+        weight = (c - lo).clamp(0, 1)[:, None].to(table.weight.dtype)
+        lo = lo.long()
+        hi = (lo + 1).clamp(max=table.num_embeddings - 1)
+        return torch.lerp(table(lo), table(hi), weight)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.bn(x) * self.gamma(c)[:, :, None, None] + self.beta(c)[:, :, None, None]
+        gamma, beta = self._lookup(self.gamma, c), self._lookup(self.beta, c)
+        if self.training or not self.bn.track_running_stats:
+            return self.bn(x) * gamma[:, :, None, None] + beta[:, :, None, None]
+        # Eval mode: the running statistics folded into one scale and shift per image and
+        # channel, applied in one fused op (the same values up to float rounding, faster).
+        scale = gamma * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        shift = beta - self.bn.running_mean * scale
+        return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
 
 
 class GeneratorBlock(nn.Module):
@@ -51,17 +73,18 @@ class GeneratorBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(x, c))
+        h = F.relu(self.bn1(x, c), inplace=True)  # on the norm's own fresh output
         if self.resample == "up":
             h = self._resample(h)
         h = self.conv1(h)
-        h = self.conv2(F.relu(self.bn2(h, c)))
+        h = self.conv2(F.relu(self.bn2(h, c), inplace=True))
         if self.resample == "down":
             h = self._resample(h)
         skip = self._resample(x)
         if self.shortcut is not None:
             skip = self.shortcut(skip)
-        return h + skip
+        # Without autograd (series, evaluation) the sum reuses h's memory: less traffic on CPU.
+        return h + skip if torch.is_grad_enabled() else h.add_(skip)
 
 
 class Generator(nn.Module):

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from . import plots
 from .classifier import BlackBox
 from .config import Config
-from .explainer import series
+from .explainer import explain_series
 from .io import save_figure, save_npz, write_json
 from .networks import Generator
 from .metrics import compatibility, monotonic_share
@@ -21,14 +21,15 @@ from .tracking import Tracker
 from .utils import channels_last, resolve_device
 
 @torch.no_grad()
-def explain_batch(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int) -> dict[str, torch.Tensor]:
-    """Series, reconstruction G(x, c_x) and f of everything, for a batch of queries."""
+def explain_batch(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, probes: int = 0) -> dict[str, torch.Tensor]:
+    """Series (calibrated when probes > 0, explain.probes), the conditions it was generated at,
+    reconstruction G(x, c_x) and f of everything, for a batch of queries."""
     p_query = f(x)
     source = torch.from_numpy(bin_index(p_query.cpu().numpy(), num_bins)).to(x.device)
-    s = series(g, x, num_bins)
+    s, conditions = explain_series(g, f, x, num_bins, probes)
     p_series = f(s.flatten(0, 1)).reshape(s.shape[:2])
     recon = g(x, source)
-    return {"series": s, "p_series": p_series, "recon": recon, "p_recon": f(recon),
+    return {"series": s, "conditions": conditions, "p_series": p_series, "recon": recon, "p_recon": f(recon),
             "p_query": p_query, "source_bin": source}
 
 
@@ -71,7 +72,7 @@ def explain_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> dic
     parts: dict[str, list] = {}
     for start in tqdm(range(0, len(query_idx), params.batch_size), desc="explain", mininterval=1.0):
         x = dataset.images(query_idx[start:start + params.batch_size]).to(device)
-        out = explain_batch(g, f, x, base.num_bins)
+        out = explain_batch(g, f, x, base.num_bins, params.probes)
         out["query"] = x
         for k, v in out.items():
             parts.setdefault(k, []).append(v.cpu())
@@ -83,15 +84,16 @@ def explain_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> dic
 
     save_npz(out_dir / "series.npz", ids=np.array(ids), labels=labels, queries=arrays["query"],
              series=arrays["series"], recon=arrays["recon"], p_query=arrays["p_query"],
-             p_series=arrays["p_series"], p_recon=arrays["p_recon"], source_bin=arrays["source_bin"])
+             p_series=arrays["p_series"], p_recon=arrays["p_recon"], source_bin=arrays["source_bin"],
+             conditions=arrays["conditions"])
     table = [{"id": i, "label": int(y), "p": float(pq), "source_bin": int(sb),
-              "p_series": [round(float(v), 6) for v in ps], "p_recon": float(pr),
-              "reconstruction_l1": float(np.abs(r - q).mean())}
-             for i, y, pq, sb, ps, pr, r, q in zip(ids, labels, arrays["p_query"], arrays["source_bin"],
-                                                   arrays["p_series"], arrays["p_recon"], arrays["recon"],
-                                                   arrays["query"])]
+              "p_series": [round(float(v), 6) for v in ps], "conditions": [round(float(v), 4) for v in cs],
+              "p_recon": float(pr), "reconstruction_l1": float(np.abs(r - q).mean())}
+             for i, y, pq, sb, ps, cs, pr, r, q in zip(ids, labels, arrays["p_query"], arrays["source_bin"],
+                                                       arrays["p_series"], arrays["conditions"], arrays["p_recon"],
+                                                       arrays["recon"], arrays["query"])]
     write_json(out_dir / "series.json", {"num_bins": base.num_bins, "image_size": base.image_size,
-                                         "target": base.target, "queries": table})
+                                         "target": base.target, "probes": params.probes, "queries": table})
     write_json(out_dir / "metrics.json", metrics)
     tracker.metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
 
@@ -146,7 +148,7 @@ def explain_files(images: Sequence[str], out: str, params_path: str = "params.ya
     out_dir = Path(out)
     results = []
     for name, x in zip(images, tensors):
-        r = explain_batch(g, f, x[None].to(device), cfg.base.num_bins)
+        r = explain_batch(g, f, x[None].to(device), cfg.base.num_bins, cfg.explain.probes)
         p_series = r["p_series"][0].cpu().numpy()
         stem = _safe_name(Path(name).stem)
         fig = strip_figure(x, r["series"][0].cpu(), p_series, float(r["p_query"][0]),
@@ -155,8 +157,10 @@ def explain_files(images: Sequence[str], out: str, params_path: str = "params.ya
         plots.close(fig)
         results.append({"image": str(name), "strip": str(out_dir / f"{stem}_series.png"),
                         "p": float(r["p_query"][0]), "source_bin": int(r["source_bin"][0]),
-                        "p_series": [float(v) for v in p_series], "p_recon": float(r["p_recon"][0])})
+                        "p_series": [float(v) for v in p_series],
+                        "conditions": [round(float(v), 4) for v in r["conditions"][0]],
+                        "p_recon": float(r["p_recon"][0])})
         print(f"{name}: p={results[-1]['p']:.3f}; along the series " + " ".join(f"{v:.2f}" for v in p_series))
     write_json(out_dir / "posteriors.json", {"target": cfg.base.target, "num_bins": cfg.base.num_bins,
-                                              "images": results})
+                                              "probes": cfg.explain.probes, "images": results})
     return results

@@ -110,11 +110,12 @@ class Scorer:
 
     @torch.no_grad()
     def __call__(self, g) -> dict[str, float]:
-        from .explainer import series
+        from .explainer import explain_series
 
         was_training = g.training
         g.eval()
-        s = torch.cat([series(g, self.queries[i:i + 32].to(self.device), self.cfg.base.num_bins).cpu()
+        s = torch.cat([explain_series(g, self.f, self.queries[i:i + 32].to(self.device), self.cfg.base.num_bins,
+                                      self.cfg.explain.probes)[0].cpu()
                        for i in range(0, len(self.queries), 32)])
         g.train(was_training)
         flat = s.flatten(0, 1)
