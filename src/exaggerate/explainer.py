@@ -204,11 +204,11 @@ def explain_series(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int,
                    probes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The series (B, N, C, H, W) and the conditions it was generated at (B, N): the bins
     themselves when probes is 0 (the paper), calibrated ones otherwise (explain.probes)."""
-    if probes:
-        conditions = calibrated_conditions(g, f, x, num_bins, probes)
-    else:
-        conditions = torch.arange(num_bins, device=x.device, dtype=torch.float32).expand(x.shape[0], num_bins)
-    return series(g, x, num_bins, None if not probes else conditions), conditions
+    if not probes:
+        bins = torch.arange(num_bins, device=x.device, dtype=torch.float32).expand(x.shape[0], num_bins)
+        return series(g, x, num_bins), bins
+    conditions = calibrated_conditions(g, f, x, num_bins, probes)
+    return series(g, x, num_bins, conditions), conditions
 
 
 def series_figure(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, title: str):
