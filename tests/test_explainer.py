@@ -7,7 +7,7 @@ import torch.nn as nn
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
 from exaggerate.config import Base
 from exaggerate.explainer import (CheckpointError, TrainingDiverged, _bce, architecture, bin_targets, build_networks,
-                                  calibrated_conditions, check_signature, cls_weights, explain_series, fit,
+                                  PairSampler, calibrated_conditions, check_signature, cls_weights, explain_series, fit,
                                   load_generator, lr_factor, series, training_signature, update_ema)
 from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
@@ -111,6 +111,36 @@ def test_signature_leaves_out_original_options_and_refuses_the_others(setup):
     with pytest.raises(CheckpointError, match="cls_weighting=None.*cls_weighting='variance'"):
         check_signature(plain, weighted, "step-00000002.pt")
     check_signature(plain, dict(plain), "step-00000002.pt")
+
+
+def test_pair_sampler_balances_bins_as_asked_and_keeps_the_uniform_stream(setup):
+    _, ds, _, _, indices, bins = setup
+    bins = bins.copy()
+    bins[: len(bins) // 2] = 0  # a crowded bin, as the default's end bins are
+    sizes = torch.bincount(torch.from_numpy(bins), minlength=10).double()
+    present = sizes > 0
+
+    def shares(sampling):
+        sampler = PairSampler(ds, indices, bins, 64, torch.Generator().manual_seed(0), sampling)
+        drawn = torch.cat([sampler.sample()[1] for _ in range(200)])
+        return torch.bincount(drawn, minlength=10).double() / len(drawn)
+
+    expected = {"uniform": sizes / sizes.sum(), "sqrt": sizes.sqrt() / sizes.sqrt().sum(),
+                "balanced": present.double() / present.sum()}
+    for sampling, want in expected.items():
+        assert torch.allclose(shares(sampling), want, atol=0.02), sampling
+    # "uniform" draws exactly what it drew before the option existed: old runs replay bit for bit.
+    rng = torch.Generator().manual_seed(3)
+    x, c = PairSampler(ds, indices, bins, 8, torch.Generator().manual_seed(3)).sample()
+    idx = torch.randint(len(bins), (8,), generator=rng)
+    assert torch.equal(c, torch.from_numpy(bins)[idx]) and torch.equal(x, ds.images(indices[idx.numpy()]))
+    # Another sampling is another run: it never resumes a uniform run's checkpoint.
+    base = setup[0]
+    plain = training_signature(base, TINY_EXPLAINER)
+    assert "sampling" not in plain
+    with pytest.raises(CheckpointError, match="sampling"):
+        check_signature(training_signature(base, dataclasses.replace(TINY_EXPLAINER, sampling="sqrt")), plain,
+                        "step-00000002.pt")
 
 
 def test_conditional_norm_interpolates_between_bins_and_folds_statistics_in_eval():

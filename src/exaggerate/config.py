@@ -174,6 +174,10 @@ class Explainer:
     # The explainer's own seed (weights, sampling of pairs and target bins); null: base.seed.
     # Another value retrains only the explainer, to measure how much a short GAN run owes to luck.
     seed: Optional[int] = None
+    # How training pairs are drawn. "uniform": every binned image equally often (the middle bins
+    # then hold a few percent of the real images D sees); "balanced": a bin uniformly, then an
+    # image in it; "sqrt": in between, each image weighted by 1/sqrt(its bin's size).
+    sampling: str = field(default="uniform", metadata=_choices("uniform", "sqrt", "balanced"))
 
     def validate(self, key: str) -> None:
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")

@@ -81,6 +81,8 @@ def training_signature(base: Base, params: ExplainerParams, inputs_digest: str =
     # classifier-consistency target goes in as cls_target.
     if d.pop("cls_weighting") != "uniform":
         d["cls_weighting"] = params.cls_weighting
+    if d.pop("sampling") != "uniform":
+        d["sampling"] = params.sampling
     if d.pop("target") != "centre":
         d["cls_target"] = params.target
     return {**architecture(base, params), **d, "seed": training_seed(base, params), "dataset": base.dataset,
@@ -136,9 +138,15 @@ class PairSampler:
     """Random (image, source bin) batches from the binned explainer inputs."""
 
     def __init__(self, dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, batch_size: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, sampling: str = "uniform"):
         self.bins = torch.from_numpy(bins)
         self.batch_size, self.generator = batch_size, generator
+        # Per-image weight 1 / size(bin)^power; "uniform" keeps torch.randint (and its stream).
+        power = {"uniform": None, "sqrt": 0.5, "balanced": 1.0}[sampling]
+        self.weights = None
+        if power is not None:
+            sizes = torch.bincount(self.bins).double()
+            self.weights = sizes[self.bins].pow(-power)
         self.in_memory = dataset._pixels is not None
         if self.in_memory:
             self.images = dataset.images(indices)
@@ -149,7 +157,10 @@ class PairSampler:
         return len(self.bins)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(self.bins), (self.batch_size,), generator=self.generator)
+        if self.weights is None:
+            idx = torch.randint(len(self.bins), (self.batch_size,), generator=self.generator)
+        else:
+            idx = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
         if self.in_memory:
             return self.images[idx], self.bins[idx]
         return self.dataset.images(self.indices[idx.numpy()]), self.bins[idx]
@@ -422,7 +433,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
 
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if params.amp
                 else contextlib.nullcontext)
-    sampler = PairSampler(dataset, indices, bins, params.batch_size, state.sampler_rng)
+    sampler = PairSampler(dataset, indices, bins, params.batch_size, state.sampler_rng, params.sampling)
     x_grid, _ = grid_queries(dataset, val_indices, f, params.grid_queries, base.num_bins, device)
     x_grid = x_grid.to(device)
 
