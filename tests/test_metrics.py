@@ -88,6 +88,22 @@ def test_oracle_metrics_on_known_cases():
     perfect = np.tile(bin_centre(np.arange(n), n), (4, 1))
     assert M.oracle_agreement(perfect) == pytest.approx(1)
     assert M.oracle_agreement(1 - perfect) == pytest.approx(-1)
+    # Real images grouped by bin: each bin weighs the same, however many images it holds.
+    bins = np.repeat(np.arange(n), [50] + [1] * (n - 2) + [50])
+    assert M.binned_oracle_agreement(bin_centre(bins, n), bins, n) == pytest.approx(1)
+    rng = np.random.default_rng(1)
+    equal = np.repeat(np.arange(n), 3)
+    p_equal = np.clip(bin_centre(equal, n) + rng.normal(0, 0.3, len(equal)), 0, 1)
+    # With equal counts it is oracle_agreement of the same images laid out as series.
+    assert M.binned_oracle_agreement(p_equal, equal, n) == pytest.approx(
+        M.oracle_agreement(p_equal.reshape(n, 3).T))
+    # Ten images in bin 0 with the same values as one image there: the weighting undoes the count.
+    one = np.arange(n)
+    many = np.concatenate([np.zeros(9, dtype=int), one])
+    p_one = rng.uniform(size=n)
+    p_many = np.concatenate([np.full(9, p_one[0]), p_one])
+    assert M.binned_oracle_agreement(p_many, many, n) == pytest.approx(M.oracle_agreement(p_one[None]))
+    assert M.binned_oracle_agreement(np.ones(5), np.zeros(5, dtype=int), n) is None  # one bin: undefined
     ox = np.array([[0.1, 0.9, 0.2, 0.3], [0.2, 0.1, 0.9, 0.4]])
     ocf = np.array([[0.9, 0.1, 0.2, 0.7], [0.8, 0.1, 0.9, 0.4]])  # target column 0 flips in both
     assert M.mnac(ox, ocf, 0) == pytest.approx(1.0)  # 2 other changes, then 0: mean 1

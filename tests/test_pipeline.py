@@ -166,6 +166,12 @@ def test_evaluation_outputs(project):
     assert "fva" in m["absent"] and "mnac" in m["absent"]
     table = (project / "outputs/evaluate/results.md").read_text()
     assert "| flip rate" in table and "baseline (6 queries)" in table
+    assert (project / "outputs/evaluate/oracle_agreement.png").stat().st_size > 0
+    assert len(m["explainer"]["oracle_curve"]) == len(m["real_images"]["oracle_curve"]) == 10
+    real = m["real_images"]
+    assert real["split"] == "test" and sum(real["per_bin"]) == real["images"] > 0
+    if real["oracle_agreement"] is not None:  # None only when f puts all real images in one bin
+        assert -1 <= real["oracle_agreement"] <= 1 and "what real data reaches" in table
 
 
 def test_changing_one_stage_parameter_reruns_it_and_descendants_only(project, env, tmp_path):

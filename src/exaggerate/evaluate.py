@@ -129,7 +129,9 @@ def evaluate_method(name: str, series: torch.Tensor, data: dict, f: BlackBox, or
     probs = M.batched(lambda t: oracle.probabilities(t.to(device)), flat)
     target_index = oracle.index_of(cfg.base.target)
     if target_index is not None:
-        out["oracle_agreement"] = M.oracle_agreement(probs[:, target_index].reshape(q, n).numpy())
+        p_target = probs[:, target_index].reshape(q, n).numpy()
+        out["oracle_agreement"] = M.oracle_agreement(p_target)
+        out["oracle_curve"] = p_target.mean(0).tolist()  # the oracle's mean p(target) per target bin
     # The tuning studies' objective, so that `dvc metrics diff` compares experiments on it directly.
     out["tuning_objective"] = M.scalar_objective(out["compatibility_mae"], out["fid_oracle"], cfg.tune.fid_weight,
                                                  out.get("oracle_agreement"), cfg.tune.agreement_weight)
@@ -179,6 +181,14 @@ def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> di
     real_bins = np.array([r["bin"] for r in rows])
     real_feats = M.batched(lambda t: oracle.features(t.to(device)), dataset.images(real_idx))
     real_by_bin = M.group_by_bin(real_feats, real_bins, base.num_bins)
+    # What real images reach: the oracle agreement of the split's real images in f's bins.
+    target_index = oracle.index_of(base.target)
+    real_agreement, real_curve = None, None
+    if target_index is not None:
+        p_real = M.batched(lambda t: oracle.probabilities(t.to(device)), dataset.images(real_idx))[:, target_index]
+        real_agreement = M.binned_oracle_agreement(p_real.numpy(), real_bins, base.num_bins)
+        real_curve = [float(p_real[real_bins == k].mean()) if (real_bins == k).any() else None
+                      for k in range(base.num_bins)]
     for k in range(base.num_bins):
         if k not in real_by_bin:
             absent[f"fid_oracle_per_bin[{k}]"] = f"fewer than 2 real {split} images in bin {k}"
@@ -225,6 +235,8 @@ def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> di
         "queries": int(len(data["ids"])), "baseline_queries": nq,
         "speedup_explainer_vs_baseline": t_baseline / t_explainer if t_explainer > 0 else None,
         "oracle_test_accuracy": _oracle_accuracy(paths),
+        "real_images": {"split": split, "images": int(len(real_idx)), "oracle_agreement": real_agreement,
+                        "oracle_curve": real_curve, "per_bin": np.bincount(real_bins, minlength=base.num_bins).tolist()},
         "explainer": results["explainer"], "explainer_on_baseline_queries": results["explainer_subset"],
         "baseline": results["baseline"], "absent": absent,
     }
@@ -299,6 +311,11 @@ def results_table(summary: dict) -> str:
     if summary.get("speedup_explainer_vs_baseline"):
         lines.append(f"The explainer produced a series {summary['speedup_explainer_vs_baseline']:.0f} times faster "
                      "than the baseline, measured in the same process.")
+    real = summary.get("real_images") or {}
+    if real.get("oracle_agreement") is not None:
+        lines.append(f"Reference: the {real['images']} real {real['split']} images, grouped by f's posterior bin "
+                     "and each bin weighted equally (a series set holds one image per bin), give oracle "
+                     f"agreement {real['oracle_agreement']:.4f}: what real data reaches under this oracle.")
     if summary.get("oracle_test_accuracy") is not None:
         lines.append(f"Oracle test accuracy: {summary['oracle_test_accuracy']:.4f}.")
     if summary["absent"]:
@@ -334,6 +351,28 @@ def _figures(out_dir: Path, summary: dict, p_series: dict, explainer_series, bas
     tracker.figure(fig, "compatibility.png")
     plots.close(fig)
     write_text(out_dir / "compatibility.csv", buf.getvalue())
+
+    if summary["explainer"].get("oracle_curve") is not None:
+        fig, ax = plots.plt.subplots(figsize=(5.5, 4.3))
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="p = bin centre")
+        curves = [("explainer", f"explainer ({summary['queries']} queries)"),
+                  ("baseline", f"baseline ({summary['baseline_queries']} queries)")]
+        for key, label in curves:
+            ax.plot(centres, summary[key]["oracle_curve"], marker="o", markersize=3,
+                    label=f"{label}: agreement {summary[key]['oracle_agreement']:.2f}")
+        real = summary.get("real_images") or {}
+        if real.get("oracle_curve") and real.get("oracle_agreement") is not None:
+            kept = [(c, v) for c, v in zip(centres, real["oracle_curve"]) if v is not None]
+            ax.plot(*zip(*kept), marker="s", markersize=3, color="black",
+                    label=f"real {real['split']} images in f's bins: {real['oracle_agreement']:.2f}")
+        ax.set_xlabel("target bin centre (real images: f's bin)")
+        ax.set_ylabel(f"oracle's mean p({base.target})")
+        ax.set_title("does an independent classifier see the change?", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        save_figure(out_dir / "oracle_agreement.png", fig)
+        tracker.figure(fig, "oracle_agreement.png")
+        plots.close(fig)
 
     rows = np.argsort(sub["p_query"])[np.linspace(0, len(sub["p_query"]) - 1, min(4, len(sub["p_query"]))).astype(int)]
     q = torch.from_numpy(sub["queries"][rows])

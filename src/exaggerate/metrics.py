@@ -167,6 +167,24 @@ def oracle_agreement(p_oracle_target: np.ndarray) -> Optional[float]:
     return float(np.corrcoef(centres.ravel(), p_oracle_target.ravel())[0, 1])
 
 
+def binned_oracle_agreement(p_oracle_target: np.ndarray, bins: np.ndarray, num_bins: int) -> Optional[float]:
+    """oracle_agreement of images grouped by bin, each occupied bin weighted equally (as in a
+    series set, which holds one image per bin and query): the reference that real images give."""
+    p = np.asarray(p_oracle_target, dtype=np.float64)
+    bins = np.asarray(bins)
+    counts = np.bincount(bins, minlength=num_bins)
+    if (counts > 0).sum() < 2:
+        return None
+    w = 1.0 / counts[bins]
+    c = bin_centre(bins, num_bins)
+    mc, mp = np.average(c, weights=w), np.average(p, weights=w)
+    var_p = np.average((p - mp) ** 2, weights=w)
+    if var_p == 0:
+        return 0.0
+    cov = np.average((c - mc) * (p - mp), weights=w)
+    return float(cov / np.sqrt(np.average((c - mc) ** 2, weights=w) * var_p))
+
+
 def mnac(oracle_x: np.ndarray, oracle_cf: np.ndarray, target_column: int) -> float:
     """Mean number of attributes other than the target whose oracle decision changes."""
     changed = (oracle_x >= 0.5) != (oracle_cf >= 0.5)
