@@ -309,6 +309,10 @@ def test_notebooks_execute_against_the_run(project, env):
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(project)}}).execute()
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors, path
+        # Importing the library must leave the notebook's inline backend alone: plots are shown.
+        images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if "image/png" in o.get("data", {})]
+        assert images, f"{path.name} displayed no figure"
 
 
 def test_evaluation_refuses_mismatched_runs(project, monkeypatch):

@@ -1,11 +1,15 @@
 """Figures people look at: reliability curves, bin counts, image grids and series strips."""
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")
+# Stages and scripts draw off-screen. Inside a Jupyter kernel the inline backend stays, so that
+# plt.show() in a notebook displays figures after importing the library.
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
