@@ -179,13 +179,14 @@ def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> di
     rows = [r for r in read_table(Path(paths["posteriors"]) / "posteriors.csv") if r["split"] == split]
     real_idx = dataset.index_of([r["id"] for r in rows])
     real_bins = np.array([r["bin"] for r in rows])
-    real_feats = M.batched(lambda t: oracle.features(t.to(device)), dataset.images(real_idx))
+    real_images = dataset.images(real_idx)
+    real_feats = M.batched(lambda t: oracle.features(t.to(device)), real_images)
     real_by_bin = M.group_by_bin(real_feats, real_bins, base.num_bins)
     # What real images reach: the oracle agreement of the split's real images in f's bins.
     target_index = oracle.index_of(base.target)
     real_agreement, real_curve = None, None
     if target_index is not None:
-        p_real = M.batched(lambda t: oracle.probabilities(t.to(device)), dataset.images(real_idx))[:, target_index]
+        p_real = M.batched(lambda t: oracle.probabilities(t.to(device)), real_images)[:, target_index]
         real_agreement = M.binned_oracle_agreement(p_real.numpy(), real_bins, base.num_bins)
         real_curve = [float(p_real[real_bins == k].mean()) if (real_bins == k).any() else None
                       for k in range(base.num_bins)]
@@ -352,9 +353,9 @@ def _figures(out_dir: Path, summary: dict, p_series: dict, explainer_series, bas
     plots.close(fig)
     write_text(out_dir / "compatibility.csv", buf.getvalue())
 
+    fig, ax = plots.plt.subplots(figsize=(5.5, 4.3))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="p = bin centre")
     if summary["explainer"].get("oracle_curve") is not None:
-        fig, ax = plots.plt.subplots(figsize=(5.5, 4.3))
-        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="p = bin centre")
         curves = [("explainer", f"explainer ({summary['queries']} queries)"),
                   ("baseline", f"baseline ({summary['baseline_queries']} queries)")]
         for key, label in curves:
@@ -365,14 +366,16 @@ def _figures(out_dir: Path, summary: dict, p_series: dict, explainer_series, bas
             kept = [(c, v) for c, v in zip(centres, real["oracle_curve"]) if v is not None]
             ax.plot(*zip(*kept), marker="s", markersize=3, color="black",
                     label=f"real {real['split']} images in f's bins: {real['oracle_agreement']:.2f}")
-        ax.set_xlabel("target bin centre (real images: f's bin)")
-        ax.set_ylabel(f"oracle's mean p({base.target})")
-        ax.set_title("does an independent classifier see the change?", fontsize=10)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        save_figure(out_dir / "oracle_agreement.png", fig)
-        tracker.figure(fig, "oracle_agreement.png")
-        plots.close(fig)
+    else:  # the file dvc.yaml declares is still written, saying why it is empty
+        ax.text(0.5, 0.5, f"the oracle has no output for {base.target!r}", ha="center", va="center")
+    ax.set_xlabel("target bin centre (real images: f's bin)")
+    ax.set_ylabel(f"oracle's mean p({base.target})")
+    ax.set_title("does an independent classifier see the change?", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(out_dir / "oracle_agreement.png", fig)
+    tracker.figure(fig, "oracle_agreement.png")
+    plots.close(fig)
 
     rows = np.argsort(sub["p_query"])[np.linspace(0, len(sub["p_query"]) - 1, min(4, len(sub["p_query"]))).astype(int)]
     q = torch.from_numpy(sub["queries"][rows])
