@@ -175,14 +175,10 @@ def binned_oracle_agreement(p_oracle_target: np.ndarray, bins: np.ndarray, num_b
     counts = np.bincount(bins, minlength=num_bins)
     if (counts > 0).sum() < 2:
         return None
-    w = 1.0 / counts[bins]
-    c = bin_centre(bins, num_bins)
-    mc, mp = np.average(c, weights=w), np.average(p, weights=w)
-    var_p = np.average((p - mp) ** 2, weights=w)
-    if var_p == 0:
+    cov = np.cov(bin_centre(bins, num_bins), p, aweights=1.0 / counts[bins])
+    if cov[1, 1] == 0:
         return 0.0
-    cov = np.average((c - mc) * (p - mp), weights=w)
-    return float(cov / np.sqrt(np.average((c - mc) ** 2, weights=w) * var_p))
+    return float(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]))
 
 
 def mnac(oracle_x: np.ndarray, oracle_cf: np.ndarray, target_column: int) -> float:
