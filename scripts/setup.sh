@@ -19,6 +19,13 @@ done
 stamp=".venv/.exaggerate-installed"
 want="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16) extras=[${extras}]"
 if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+  # torch's CUDA build and its libraries take about 6.5 GB in .venv: say so before pip fails
+  # with a bare "No space left on device".
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ] && ! compgen -G ".venv/lib/python3*/site-packages/torch" >/dev/null; then
+    echo "setup: warning: $((free_kb / 1024)) MB free on the disk holding $(pwd); installing the" \
+      "packages needs about 7 GB" >&2
+  fi
   spec="."
   [ -n "$extras" ] && spec=".[${extras}]"
   # torch/torchvision are pinned (2.14.1 / 0.29.1) in pyproject.toml so pip takes them from local disk;
