@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
 from exaggerate.config import Base
-from exaggerate.explainer import (CheckpointError, TrainingDiverged, _bce, architecture, bin_targets, build_networks,
+from exaggerate.explainer import (CheckpointError, TrainingDiverged, _bce, architecture, augment, bin_targets,
+                                  build_networks,
                                   PairSampler, calibrated_conditions, check_signature, cls_weights, explain_series, fit,
                                   load_generator, lr_factor, series, training_signature, update_ema)
 from exaggerate.metrics import compatibility
@@ -141,6 +142,41 @@ def test_pair_sampler_balances_bins_as_asked_and_keeps_the_uniform_stream(setup)
     with pytest.raises(CheckpointError, match="sampling"):
         check_signature(training_signature(base, dataclasses.replace(TINY_EXPLAINER, sampling="sqrt")), plain,
                         "step-00000002.pt")
+
+
+def test_augment_translates_and_cuts_out_each_image_on_its_own():
+    h = w = 16
+    x = (torch.arange(3 * h * w, dtype=torch.float32).view(3, 1, h, w) + 1).requires_grad_()
+    rng = torch.Generator().manual_seed(0)
+    assert augment(x, "none", rng) is x
+    pad = h // 8
+    padded = torch.nn.functional.pad(x.detach(), (pad,) * 4, mode="replicate")
+    shifts = set()
+    for _ in range(10):
+        y = augment(x, "translation", rng)
+        assert y.shape == x.shape
+        for i in range(3):
+            # each image is its own padded copy cropped at one offset within +-h/8
+            found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                     if torch.equal(y[i, 0].detach(), padded[i, 0, dy:dy + h, dx:dx + w])]
+            assert found, f"image {i} is not a translated copy"
+            shifts.add(found[0])
+    assert len(shifts) > 5  # offsets vary between images and calls
+    # differentiable: every output pixel takes its gradient back to exactly one input pixel
+    y.sum().backward()
+    assert x.grad.sum().item() == pytest.approx(y.numel())
+    y = augment(x.detach(), "translation_cutout", rng)
+    for i in range(3):
+        blank = y[i, 0] == 0  # the input holds no zeros, so zeros are the cut-out square
+        assert blank.sum().item() == (h // 2) * (w // 2)
+        rows, cols = blank.any(1).nonzero(), blank.any(0).nonzero()
+        assert len(rows) == h // 2 and len(cols) == w // 2  # one square, not scattered pixels
+    # Augmenting is another run: it never resumes an unaugmented run's checkpoint.
+    plain = training_signature(Base(), TINY_EXPLAINER)
+    assert "augment" not in plain
+    with pytest.raises(CheckpointError, match="augment"):
+        check_signature(training_signature(Base(), dataclasses.replace(TINY_EXPLAINER, augment="translation")),
+                        plain, "step-00000002.pt")
 
 
 def test_conditional_norm_interpolates_between_bins_and_folds_statistics_in_eval():

@@ -178,6 +178,11 @@ class Explainer:
     # then hold a few percent of the real images D sees); "balanced": a bin uniformly, then an
     # image in it; "sqrt": in between, each image weighted by 1/sqrt(its bin's size).
     sampling: str = field(default="uniform", metadata=_choices("uniform", "sqrt", "balanced"))
+    # Differentiable augmentation of every image D sees, real and generated alike (Zhao et al.
+    # 2020, "DiffAugment"): "translation" shifts each image by up to 1/8 of its size (border
+    # pixels repeated), "translation_cutout" also blanks a random square of half its size. Keeps
+    # D from memorising the few real images of the middle bins. "none": the paper's D.
+    augment: str = field(default="none", metadata=_choices("none", "translation", "translation_cutout"))
 
     def validate(self, key: str) -> None:
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")

@@ -83,6 +83,8 @@ def training_signature(base: Base, params: ExplainerParams, inputs_digest: str =
         d["cls_weighting"] = params.cls_weighting
     if d.pop("sampling") != "uniform":
         d["sampling"] = params.sampling
+    if d.pop("augment") != "none":
+        d["augment"] = params.augment
     if d.pop("target") != "centre":
         d["cls_target"] = params.target
     return {**architecture(base, params), **d, "seed": training_seed(base, params), "dataset": base.dataset,
@@ -341,6 +343,31 @@ def set_learning_rates(state: TrainState, params: ExplainerParams) -> None:
             group["lr"] = lr * factor
 
 
+def augment(x: torch.Tensor, mode: str, rng: torch.Generator) -> torch.Tensor:
+    """DiffAugment-style random translation (and cutout) of a batch, differentiable in x. The
+    offsets are drawn on the CPU from `rng` (checkpointed with the run), one set per call."""
+    if mode == "none":
+        return x
+    b, _, h, w = x.shape
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    pad = max(1, h // 8)
+    shift = torch.randint(-pad, pad + 1, (2, b, 1), generator=rng).to(x.device)
+    rows = (torch.arange(h, device=x.device) + pad + shift[0]).unsqueeze(2)  # (b, h, 1)
+    cols = (torch.arange(w, device=x.device) + pad + shift[1]).unsqueeze(1)  # (b, 1, w)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    x = padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (b, h, w, ch) -> (b, ch, h, w)
+    if mode == "translation_cutout":
+        ch, cw = h // 2, w // 2
+        top = torch.randint(0, h - ch + 1, (b, 1, 1), generator=rng).to(x.device)
+        left = torch.randint(0, w - cw + 1, (b, 1, 1), generator=rng).to(x.device)
+        r = torch.arange(h, device=x.device).view(1, h, 1)
+        c = torch.arange(w, device=x.device).view(1, 1, w)
+        keep = ~((r >= top) & (r < top + ch) & (c >= left) & (c < left + cw))
+        x = x * keep.unsqueeze(1).to(x.dtype)
+    return x.contiguous(memory_format=layout)
+
+
 def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.Tensor, base: Base,
                    params: ExplainerParams, autocast: Callable) -> dict[str, float]:
     """One iteration: a D update, and a G update every n_critic-th iteration."""
@@ -348,11 +375,13 @@ def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.T
     c_new = torch.randint(n, c_x.shape, generator=state.sampler_rng).to(x.device)
     set_learning_rates(state, params)
     losses: dict[str, float] = {}
+    aug = lambda img: augment(img, params.augment, state.sampler_rng)  # noqa: E731
 
     with autocast():
         with torch.no_grad():
             x_fake = g(x, c_new)
-        d_loss = params.lambda_gan * (F.relu(1 - d(x, c_x)).mean() + F.relu(1 + d(x_fake, c_new)).mean())
+        d_loss = params.lambda_gan * (F.relu(1 - d(aug(x), c_x)).mean()
+                                      + F.relu(1 + d(aug(x_fake), c_new)).mean())
     state.opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     state.opt_d.step()
@@ -366,7 +395,7 @@ def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.T
             x_cycle = g.decode(embed_fake, c_x)
             with torch.no_grad():
                 p_x = f(x).float()
-            g_adv = -params.lambda_gan * d(x_fake, c_new).mean()
+            g_adv = -params.lambda_gan * d(aug(x_fake), c_new).mean()
             p_fake, p_cycle = f(x_fake).float(), f(x_cycle).float()
             cls = _bce(p_fake, bin_targets(c_new, n, params.target), weight=cls_weights(c_new, n, params))
             cls_cycle = _bce(p_cycle, p_x)
