@@ -19,7 +19,7 @@ done
 stamp=".venv/.exaggerate-installed"
 want="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16) extras=[${extras}]"
 if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
-  # torch's CUDA build and its libraries take about 6.5 GB in .venv: say so before pip fails
+  # torch's CUDA build and its libraries take about 6.7 GB in .venv: say so before pip fails
   # with a bare "No space left on device".
   free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
   if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ] && ! compgen -G ".venv/lib/python3*/site-packages/torch" >/dev/null; then

@@ -6,10 +6,10 @@ import torch.nn as nn
 
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
 from exaggerate.config import Base
-from exaggerate.explainer import (CheckpointError, TrainingDiverged, _bce, architecture, augment, bin_targets,
-                                  build_networks,
-                                  PairSampler, calibrated_conditions, check_signature, cls_weights, explain_series, fit,
-                                  load_generator, lr_factor, series, training_signature, update_ema)
+from exaggerate.explainer import (CheckpointError, PairSampler, TrainingDiverged, _bce, architecture, augment,
+                                  bin_targets, build_networks, calibrated_conditions, check_signature, cls_weights,
+                                  explain_series, fit, load_generator, lr_factor, series, training_signature,
+                                  update_ema)
 from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
 from exaggerate.networks import Discriminator, Generator
