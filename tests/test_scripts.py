@@ -20,7 +20,7 @@ def test_gpu_check_runs_as_cpu_smoke_test():
 def test_cli_help_lists_subcommands():
     out = subprocess.run([str(Path(sys.executable).parent / "exaggerate"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for word in ("stage", "explain", "params"):
+    for word in ("stage", "explain", "params", "sweep", "tune"):
         assert word in out.stdout
 
 

@@ -33,6 +33,16 @@ def _tune(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .stages import PATHS
+    from .sweep import Setting, run_sweep
+
+    settings = [Setting.parse(t) for t in args.setting] or [Setting("params", {})]
+    run_sweep(args.params, settings, args.seeds, args.out, PATHS, workers=args.workers, threads=args.threads,
+              steps=args.steps)
+    return 0
+
+
 def _show_params(args) -> int:
     import yaml
 
@@ -73,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sqlite:///optuna.db, postgresql://user:pw@host/db or journal:FILE (default: tune.storage)")
     p.add_argument("--study-name", default=None, help="default: tune.study_name")
     p.set_defaults(func=_tune)
+
+    p = sub.add_parser("sweep", help="retrain the explainer under several settings and seeds; summarise each setting")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME[:section.key=value,...]",
+                   help="a named set of overrides (repeatable); none: params.yaml as it is")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="explainer seeds (default: 0 1 2 3)")
+    p.add_argument("--out", required=True, help="folder for the runs, rows.json and summary.md (a rerun resumes)")
+    p.add_argument("--workers", type=int, default=1, help="runs at once (several fit on one GPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
+    p.add_argument("--steps", type=int, default=None, help="override explainer.steps for every run")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("params", help="print the validated, fully resolved parameters")
     p.add_argument("--params", default="params.yaml")
