@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import yaml
 
-from .config import ConfigError, config_from_dict
+from .config import ConfigError, config_from_dict, load_config
 from .io import read_json, write_json, write_text
 
 METRICS = ("compatibility_mae", "monotonic_share", "flip_rate", "oracle_agreement", "fid_oracle", "sfid_oracle",
@@ -144,10 +144,7 @@ def summary_table(summary: dict) -> str:
 
 def run_sweep(params_path: str | Path, settings: list[Setting], seeds: list[int], out_dir: str | Path,
               paths: dict, workers: int = 1, threads: int = 1, steps: Optional[int] = None) -> dict:
-    from .config import load_config
-
-    load_config(params_path)  # the file itself must be valid before any override
-    raw = yaml.safe_load(Path(params_path).read_text())
+    raw = load_config(params_path).to_dict()  # validated and resolved, as tune's workers receive it
     if len({s.name for s in settings}) != len(settings):
         raise ConfigError("sweep settings need distinct names")
     if not seeds or len(set(seeds)) != len(seeds):
