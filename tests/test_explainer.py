@@ -14,6 +14,7 @@ from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
 from exaggerate.networks import Discriminator, Generator
 from exaggerate.posteriors import bin_index
+from exaggerate.tracking import Tracker
 from helpers import TINY_CLASSIFIER, TINY_EXPLAINER, dataset_and_splits
 
 
@@ -314,6 +315,29 @@ def test_explainer_seed_defaults_to_base_seed_and_changes_the_run(setup, tmp_pat
     # Its own checkpoint folder: another seed never resumes this seed's checkpoints.
     assert {p.name for p in (tmp_path / "a" / "checkpoints").iterdir()} != {
         p.name for p in (tmp_path / "c" / "checkpoints").iterdir()}
+
+
+def test_reconstruction_term_trains_g_towards_the_query_at_its_own_bin(setup, tmp_path):
+    base, ds, splits, f, idx, bins = setup
+    assert "lambda_rec" not in training_signature(base, TINY_EXPLAINER)  # off: old checkpoints resume
+    rec = dataclasses.replace(TINY_EXPLAINER, lambda_rec=50.0)
+    assert training_signature(base, rec)["lambda_rec"] == 50.0
+    logged = {}
+
+    class Recorder(Tracker):
+        def metrics(self, values, step=None):
+            logged.setdefault(self.name, []).append(values)
+
+    off, on = Recorder(), Recorder()
+    off.name, on.name = "off", "on"
+    fit(ds, idx, bins, splits["val"], f, base, TINY_EXPLAINER, tmp_path / "off", tracker=off)
+    fit(ds, idx, bins, splits["val"], f, base, rec, tmp_path / "on", tracker=on)
+    assert all("g_rec" not in v for v in logged["off"])
+    assert logged["on"] and all(v["g_rec"] > 0 for v in logged["on"])
+    a, b = (torch.load(tmp_path / k / "generator.pt", weights_only=True)["generator"] for k in ("off", "on"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="lambda_rec"):
+        dataclasses.replace(TINY_EXPLAINER, lambda_rec=-1.0).validate("explainer")
 
 
 def test_update_ema_averages_weights_and_copies_statistics():

@@ -140,6 +140,10 @@ class Explainer:
     lambda_gan: float = 1.0
     lambda_cyc: float = 100.0
     lambda_cls: float = 1.0
+    # Reconstruction: lambda_rec * L1(x, G(x, c_x)), G asked for the query's own bin (0 = off, as
+    # in the paper, whose losses leave G(x, c_x) = x to the cycle term alone). One more decoder
+    # pass per G step; lets a weaker cycle term (larger changes) keep the reconstruction close.
+    lambda_rec: float = 0.0
     # Classifier-consistency target t(c'): bin "centre" (c'+0.5)/N, or "lower" edge c'/N (original code).
     target: str = field(default="centre", metadata=_choices("centre", "lower"))
     # Weight of each image's classifier-consistency BCE by its target bin: "uniform" (the paper)
@@ -191,7 +195,7 @@ class Explainer:
             widths = getattr(self, name)
             _check(len(widths) >= 2 and all(w >= 1 for w in widths), f"{key}.{name}", widths,
                    "a list of at least two positive integers")
-        for name in ("lambda_gan", "lambda_cyc", "lambda_cls"):
+        for name in ("lambda_gan", "lambda_cyc", "lambda_cls", "lambda_rec"):
             _check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "a number >= 0")
         _check(len(self.betas) == 2, f"{key}.betas", self.betas, "[beta1, beta2]")
         for name in ("n_critic", "batch_size", "steps", "checkpoint_every", "log_every", "image_every"):

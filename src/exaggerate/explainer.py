@@ -6,6 +6,7 @@ With x' = G(x, c') and x'' = G(x', c_x):
        + lambda_cls * (BCE(f(x'), t(c')) + BCE(f(x''), f(x)))                  (classifier consistency)
        + lambda_cyc * L1(x, x'')                                               (cycle)
        + lambda_cyc * L2(E(x, c_x), E(x', c_x))                                (embedding consistency)
+       + lambda_rec * L1(x, G(x, c_x))                     (reconstruction; 0, off, in the paper)
 D is updated every iteration, G every n_critic-th; f is frozen and only passes gradients to G.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .networks import Discriminator, Generator
 from .tracking import Tracker
 from .utils import channels_last, resolve_device, seed_everything
 
-LOSS_NAMES = ("d_hinge", "g_adv", "g_cls", "g_cls_cycle", "g_cycle", "g_embedding", "g_total")
+LOSS_NAMES = ("d_hinge", "g_adv", "g_cls", "g_cls_cycle", "g_cycle", "g_embedding", "g_rec", "g_total")
 
 
 class CheckpointError(ValueError):
@@ -85,6 +86,8 @@ def training_signature(base: Base, params: ExplainerParams, inputs_digest: str =
         d["sampling"] = params.sampling
     if d.pop("augment") != "none":
         d["augment"] = params.augment
+    if not d["lambda_rec"]:
+        d.pop("lambda_rec")
     if d.pop("target") != "centre":
         d["cls_target"] = params.target
     return {**architecture(base, params), **d, "seed": training_seed(base, params), "dataset": base.dataset,
@@ -403,6 +406,10 @@ def explainer_step(state: TrainState, f: BlackBox, x: torch.Tensor, c_x: torch.T
             embedding = (embed_x - embed_fake).pow(2).mean()
             total = (g_adv + params.lambda_cls * (cls + cls_cycle)
                      + params.lambda_cyc * cycle + params.lambda_cyc * embedding)
+            if params.lambda_rec > 0:  # skipped at 0, so that the paper's losses train as before
+                rec = (x - g.decode(embed_x, c_x)).abs().mean()
+                total = total + params.lambda_rec * rec
+                losses["g_rec"] = rec.item()
         state.opt_g.zero_grad(set_to_none=True)
         total.backward()
         state.opt_g.step()
