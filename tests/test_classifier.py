@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from exaggerate.classifier import ClassifierError, install_external, load_classifier, train_classifier
+from exaggerate.classifier import ClassifierError, install_external, load_classifier, mixup, train_classifier
 from exaggerate.config import ExternalClassifier
 from exaggerate.posteriors import PosteriorError, check_posteriors, posterior_stage, read_table
 from helpers import TINY_CLASSIFIER, dataset_and_splits
@@ -44,6 +44,36 @@ def test_same_seed_same_weights(trained, tmp_path):
     a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixup_blends_images_and_labels_by_the_same_share():
+    x = torch.stack([torch.full((1, 4, 4), v) for v in (0.0, 1.0, -1.0, 0.5)])
+    y = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
+    mx, my = mixup(x, y, 0.4, np.random.default_rng(0))
+    mx2, my2 = mixup(x, y, 0.4, np.random.default_rng(0))
+    assert torch.equal(mx, mx2) and torch.equal(my, my2)  # seeded: a resumed epoch mixes alike
+    m = np.random.default_rng(0).beta(0.4, 0.4, size=4)
+    j = np.random.default_rng(0)
+    j.beta(0.4, 0.4, size=4)
+    j = j.permutation(4)
+    for i in range(4):
+        assert torch.allclose(mx[i], m[i] * x[i] + (1 - m[i]) * x[j[i]])
+        assert my[i, 0].item() == pytest.approx(m[i] * y[i, 0].item() + (1 - m[i]) * y[j[i], 0].item())
+    assert not torch.equal(mx, x)
+
+
+def test_mixup_trains_another_classifier_and_leaves_the_default_signature(trained, tmp_path):
+    import dataclasses
+
+    from exaggerate.classifier import _train_signature
+    base, ds, splits, out, _ = trained
+    assert "mixup_alpha" not in _train_signature(TINY_CLASSIFIER, base, ds, splits)
+    mixed = dataclasses.replace(TINY_CLASSIFIER, mixup_alpha=0.4)
+    assert _train_signature(mixed, base, ds, splits)["mixup_alpha"] == 0.4
+    train_classifier(ds, splits, base, mixed, tmp_path)
+    a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_continues_after_last_epoch(trained, tmp_path, capsys):

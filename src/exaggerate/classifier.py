@@ -157,10 +157,13 @@ def train_classifier(dataset: ImageDataset, splits: dict[str, np.ndarray], base:
         # One generator per epoch, seeded from (seed, epoch): a resumed run sees the same order.
         g = torch.Generator().manual_seed(base.seed * 1000 + epoch)
         loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
+        mix_rng = np.random.default_rng([base.seed, epoch, 1]) if params.mixup_alpha > 0 else None
         model.train()
         total, count = 0.0, 0
         bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=1.0)
         for x, y in bar:
+            if mix_rng is not None:
+                x, y = mixup(x, y, params.mixup_alpha, mix_rng)
             x, y = x.to(device), y.to(device)
             loss = F.binary_cross_entropy_with_logits(model(x), y)
             optimiser.zero_grad(set_to_none=True)
@@ -190,11 +193,23 @@ def train_classifier(dataset: ImageDataset, splits: dict[str, np.ndarray], base:
     return report_classifier(f, dataset, splits, base, params, out_dir, tracker, history)
 
 
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend each image and its labels with another of the batch, by m ~ Beta(alpha, alpha)."""
+    m = torch.from_numpy(rng.beta(alpha, alpha, size=len(x))).to(x.dtype)
+    j = torch.from_numpy(rng.permutation(len(x)))
+    mx = m.view(-1, *([1] * (x.dim() - 1)))
+    my = m.view(-1, *([1] * (y.dim() - 1))).to(y.dtype)
+    return mx * x + (1 - mx) * x[j], my * y + (1 - my) * y[j]
+
+
 def _train_signature(params: ClassifierParams, base: Base, dataset: ImageDataset, splits) -> dict:
     """What a checkpoint depends on: settings (more epochs may continue a run) and the data."""
     d = asdict(params)
     d.pop("epochs")
     d.pop("grid_images")
+    if not d["mixup_alpha"]:
+        d.pop("mixup_alpha")  # off: checkpoints from before the option existed still resume
     ids = hashlib.sha256("\n".join(dataset.ids[i] for i in splits["train"]).encode()).hexdigest()[:16]
     return {**d, "seed": base.seed, "train_ids": ids, "labels": list(dataset.label_names)}
 

@@ -101,10 +101,15 @@ class Classifier:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # Mixup (Zhang et al. 2018): each training image is blended with another of its batch,
+    # x = m x_i + (1 - m) x_j and y = m y_i + (1 - m) y_j, m ~ Beta(alpha, alpha) per image.
+    # Trains f to give graded posteriors between the classes instead of a step. 0 = off.
+    mixup_alpha: float = 0.0
     grid_images: int = 16
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", self.epochs, "an integer >= 1")
+        _check(self.mixup_alpha >= 0, f"{key}.mixup_alpha", self.mixup_alpha, "a number >= 0 (0 = off)")
         _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, f"{key}.lr", self.lr, "a number > 0")
         _check(len(self.block_config) >= 1 and all(b >= 1 for b in self.block_config),
