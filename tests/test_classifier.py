@@ -52,10 +52,8 @@ def test_mixup_blends_images_and_labels_by_the_same_share():
     mx, my = mixup(x, y, 0.4, np.random.default_rng(0))
     mx2, my2 = mixup(x, y, 0.4, np.random.default_rng(0))
     assert torch.equal(mx, mx2) and torch.equal(my, my2)  # seeded: a resumed epoch mixes alike
-    m = np.random.default_rng(0).beta(0.4, 0.4, size=4)
-    j = np.random.default_rng(0)
-    j.beta(0.4, 0.4, size=4)
-    j = j.permutation(4)
+    rng = np.random.default_rng(0)  # the same draws, in mixup's order: shares, then partners
+    m, j = rng.beta(0.4, 0.4, size=4), rng.permutation(4)
     for i in range(4):
         assert torch.allclose(mx[i], m[i] * x[i] + (1 - m[i]) * x[j[i]])
         assert my[i, 0].item() == pytest.approx(m[i] * y[i, 0].item() + (1 - m[i]) * y[j[i], 0].item())

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
-from exaggerate.config import Base
+from exaggerate.config import Base, ConfigError
 from exaggerate.explainer import (CheckpointError, PairSampler, TrainingDiverged, _bce, architecture, augment,
                                   bin_targets, build_networks, calibrated_conditions, check_signature, cls_weights,
                                   explain_series, fit, load_generator, lr_factor, series, training_signature,
@@ -322,21 +322,21 @@ def test_reconstruction_term_trains_g_towards_the_query_at_its_own_bin(setup, tm
     assert "lambda_rec" not in training_signature(base, TINY_EXPLAINER)  # off: old checkpoints resume
     rec = dataclasses.replace(TINY_EXPLAINER, lambda_rec=50.0)
     assert training_signature(base, rec)["lambda_rec"] == 50.0
-    logged = {}
-
     class Recorder(Tracker):
+        def __init__(self):
+            self.logged = []
+
         def metrics(self, values, step=None):
-            logged.setdefault(self.name, []).append(values)
+            self.logged.append(values)
 
     off, on = Recorder(), Recorder()
-    off.name, on.name = "off", "on"
     fit(ds, idx, bins, splits["val"], f, base, TINY_EXPLAINER, tmp_path / "off", tracker=off)
     fit(ds, idx, bins, splits["val"], f, base, rec, tmp_path / "on", tracker=on)
-    assert all("g_rec" not in v for v in logged["off"])
-    assert logged["on"] and all(v["g_rec"] > 0 for v in logged["on"])
+    assert off.logged and all("g_rec" not in v for v in off.logged)
+    assert on.logged and all(v["g_rec"] > 0 for v in on.logged)
     a, b = (torch.load(tmp_path / k / "generator.pt", weights_only=True)["generator"] for k in ("off", "on"))
     assert not all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(Exception, match="lambda_rec"):
+    with pytest.raises(ConfigError, match="explainer.lambda_rec"):
         dataclasses.replace(TINY_EXPLAINER, lambda_rec=-1.0).validate("explainer")
 
 

@@ -346,7 +346,6 @@ def test_evaluation_refuses_mismatched_runs(project, monkeypatch):
         load_series(path, other_task, f, 10, 32, torch.device("cpu"))
 
 
-
 def test_sweep_repeats_the_pipeline_run_per_seed_and_resumes(project, env, tmp_path):
     import json
 
