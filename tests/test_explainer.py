@@ -204,6 +204,42 @@ def test_conditional_norm_interpolates_between_bins_and_folds_statistics_in_eval
                           (norm(x, torch.tensor([0, 2, 3])) + norm(x, torch.tensor([1, 3, 3]))) / 2, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_eval_mode_folds_resampling_into_convolutions_without_changing_g(channels):
+    from exaggerate.networks import GeneratorBlock
+    torch.manual_seed(0)
+    g = Generator(channels, [8, 16, 24], num_bins=5)
+    for m in g.modules():  # trained-looking statistics and bin pairs, not the identity at init
+        if isinstance(m, ConditionalBatchNorm2d):
+            nn.init.normal_(m.gamma.weight, 1.0, 0.3)
+            nn.init.normal_(m.beta.weight, 0.0, 0.3)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    g.eval()
+    x, c = torch.randn(4, channels, 16, 16), torch.tensor([0.0, 1.5, 3.25, 4.0])
+    blocks = [m for m in g.modules() if isinstance(m, GeneratorBlock)]
+    assert {b.resample for b in blocks} == {"down", "up"}
+    with torch.no_grad():
+        folded, embedding = g(x, c), g.encode(x, c)
+        for b in blocks:
+            b.fold_resampling = False
+        plain, plain_embedding = g(x, c), g.encode(x, c)
+    assert not torch.equal(folded, plain)  # other ops ran ...
+    assert torch.allclose(folded, plain, atol=1e-5)  # ... computing the same function
+    assert torch.allclose(embedding, plain_embedding, atol=1e-5)
+    for b in blocks:
+        b.fold_resampling = True
+    # With autograd, the folded path passes the same gradient to the image.
+    xg = x.clone().requires_grad_(True)
+    g(xg, c).square().sum().backward()
+    for b in blocks:
+        b.fold_resampling = False
+    xp = x.clone().requires_grad_(True)
+    g(xp, c).square().sum().backward()
+    assert torch.allclose(xg.grad, xp.grad, atol=1e-4)
+
+
 class FillGenerator(nn.Module):
     """G(x, t): an image filled with t, whatever x is."""
 
@@ -245,6 +281,35 @@ def test_calibrated_conditions_land_the_posterior_on_the_bin_centres():
     # Centre 0.45 lies between probe 4 (its dip to 0.383 raised to f(3) = 0.4 by the envelope)
     # and probe 5 (0.467): three quarters of the way.
     assert t[4] == pytest.approx(4.75, abs=1e-3)
+
+
+class CountingGenerator(nn.Module):
+    """Wraps G and counts the images it generates."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g, self.images = g, 0
+
+    def forward(self, x, c):
+        self.images += len(x)
+        return self.g(x, c)
+
+
+def test_calibrated_series_takes_end_bins_from_the_probes_and_matches_regenerating_them():
+    torch.manual_seed(0)
+    g, _ = build_networks(Base(), TINY_EXPLAINER)
+    g.eval()
+    x = torch.randn(3, 1, 32, 32)
+    # f's posterior spans only [0.3, 0.6] along the conditions: the first bins' centres (0.05 ...
+    # 0.25) lie below it and take condition 0, the last ones' above it and take condition 9.
+    f = MeanScore(lambda m: 0.3 + 0.3 * torch.sigmoid(20 * m))
+    counting = CountingGenerator(g)
+    s, t = explain_series(counting, f, x, 10, probes=4)
+    reused = int(((t == 0) | (t == 3) | (t == 6) | (t == 9)).sum())
+    assert reused >= 3 * 7  # bins 0-2 and 6-9 at least, for each query
+    assert counting.images == 3 * 4 + 3 * 10 - reused
+    with torch.no_grad():
+        assert torch.allclose(s, series(g, x, 10, t), atol=1e-6)
 
 
 def test_calibrated_series_of_an_image_does_not_depend_on_its_batch():

@@ -194,9 +194,11 @@ def series(g: Generator, x: torch.Tensor, num_bins: int, conditions: Optional[to
 
 
 @torch.no_grad()
-def calibrated_conditions(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, probes: int) -> torch.Tensor:
+def calibrated_conditions(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, probes: int,
+                          return_probes: bool = False):
     """Per image, the generator conditions t_0 <= ... <= t_{N-1} in [0, N-1] at which f's
-    posterior should sit at the bin centres (shape (B, N)).
+    posterior should sit at the bin centres (shape (B, N)); with return_probes, also the probe
+    images G(x, t) at the probe conditions (B, probes, C, H, W).
 
     G(x, t) is generated at `probes` evenly spaced conditions and f scores each; f as a function
     of t is taken piecewise linear between them (made non-decreasing along t), and inverted at
@@ -204,27 +206,47 @@ def calibrated_conditions(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: 
     t = N - 1: the generator has no condition beyond its end bins.
     """
     b, dev = x.shape[0], x.device
-    grid = torch.linspace(0, num_bins - 1, probes, device=dev)
-    p = f(g(x.repeat_interleave(probes, dim=0), grid.repeat(b))).reshape(b, probes).float()
+    grid = probe_grid(num_bins, probes, dev)
+    images = g(x.repeat_interleave(probes, dim=0), grid.repeat(b))
+    p = f(images).reshape(b, probes).float()
     # Non-decreasing, then strictly increasing by a negligible ramp so that no segment is flat.
     p = torch.cummax(p, dim=1).values + torch.arange(probes, device=dev) * 1e-6
     centres = bin_targets(torch.arange(num_bins, device=dev), num_bins, "centre").expand(b, num_bins).contiguous()
     hi = torch.searchsorted(p, centres).clamp(1, probes - 1)
     p_lo, p_hi = p.gather(1, hi - 1), p.gather(1, hi)
     share = ((centres - p_lo) / (p_hi - p_lo)).clamp(0, 1)
-    return torch.lerp(grid[hi - 1], grid[hi], share)
+    conditions = torch.lerp(grid[hi - 1], grid[hi], share)
+    if return_probes:
+        return conditions, images.reshape(b, probes, *x.shape[1:])
+    return conditions
+
+
+def probe_grid(num_bins: int, probes: int, device=None) -> torch.Tensor:
+    """The probe conditions of calibrated_conditions: evenly spaced over [0, N-1]."""
+    return torch.linspace(0, num_bins - 1, probes, device=device)
 
 
 @torch.no_grad()
 def explain_series(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int,
                    probes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The series (B, N, C, H, W) and the conditions it was generated at (B, N): the bins
-    themselves when probes is 0 (the paper), calibrated ones otherwise (explain.probes)."""
+    themselves when probes is 0 (the paper), calibrated ones otherwise (explain.probes).
+
+    A calibrated condition that equals a probe's (mostly the end bins, when f's posterior at an
+    end condition does not reach that end bin's centre) takes the probe's image instead of
+    generating it again."""
     if not probes:
         bins = torch.arange(num_bins, device=x.device, dtype=torch.float32).expand(x.shape[0], num_bins)
         return series(g, x, num_bins), bins
-    conditions = calibrated_conditions(g, f, x, num_bins, probes)
-    return series(g, x, num_bins, conditions), conditions
+    conditions, probe_images = calibrated_conditions(g, f, x, num_bins, probes, return_probes=True)
+    match = conditions[..., None] == probe_grid(num_bins, probes, x.device)  # (B, N, probes)
+    reuse = match.any(-1)
+    query = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(reuse)
+    out = probe_images.new_empty(x.shape[0], num_bins, *x.shape[1:])
+    out[reuse] = probe_images[query[reuse], match.int().argmax(-1)[reuse]]
+    if not bool(reuse.all()):
+        out[~reuse] = g(x[query[~reuse]], conditions[~reuse])
+    return out, conditions
 
 
 def series_figure(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, title: str):
