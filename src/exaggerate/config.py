@@ -266,10 +266,14 @@ class Evaluate:
     # Queries per call while each method generates its timed series (the same for both). Per
     # series, both ran fastest near 10 on a 2-core CPU (README, "Measured").
     series_batch: int = 100
+    # Timed runs of each of the explainer's batches (mean); the baseline's run once. The two
+    # methods take turns batch by batch.
+    timing_repeats: int = 3
 
     def validate(self, key: str) -> None:
         _check(self.baseline_queries >= 2, f"{key}.baseline_queries", self.baseline_queries, "an integer >= 2")
         _check(self.series_batch >= 1, f"{key}.series_batch", self.series_batch, "an integer >= 1")
+        _check(self.timing_repeats >= 1, f"{key}.timing_repeats", self.timing_repeats, "an integer >= 1")
         _check(self.baseline_steps >= 1, f"{key}.baseline_steps", self.baseline_steps, "an integer >= 1")
         _check(self.cout_steps >= 2, f"{key}.cout_steps", self.cout_steps, "an integer >= 2")
 

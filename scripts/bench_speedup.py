@@ -1,0 +1,107 @@
+"""Benchmark: seconds per series of the explainer and of the pixel-space baseline, at several
+queries per call, in one process on the same queries.
+
+The evaluate stage times both methods at one batch size (evaluate.series_batch). This script
+times each method at every batch size given and prints the ratio of each method at its own
+fastest, which is the comparison a user who tunes both would see. Batches of the two methods
+are timed alternately, so that a slow spell of a shared machine falls on both; the explainer's
+batch, about 100 times shorter, is repeated --repeats times (mean). Needs a trained run
+(outputs/classifier, outputs/explainer/generator.pt, outputs/explain/series.npz).
+
+    python scripts/bench_speedup.py                            # params.yaml, 50 queries
+    python scripts/bench_speedup.py --batches 1 5 10 --queries 20
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    from exaggerate.classifier import load_classifier
+    from exaggerate.config import load_config
+    from exaggerate.explainer import explain_series, load_generator
+    from exaggerate.metrics import pixel_search
+    from exaggerate.networks import GeneratorBlock
+    from exaggerate.stages import PATHS
+    from exaggerate.utils import channels_last, resolve_device, set_threads
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 5, 10, 25])
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each explainer batch (mean)")
+    ap.add_argument("--unfolded", action="store_true",
+                    help="also time the generator without folding resampling into its convolutions")
+    args = ap.parse_args()
+
+    cfg = load_config(args.params)
+    base, ev = cfg.base, cfg.evaluate
+    set_threads(base.threads)
+    device = resolve_device(base.device)
+    series_path = Path(PATHS["explain"]) / "series.npz"
+    for p in (series_path, Path(PATHS["train_explainer"]) / "generator.pt"):
+        if not p.is_file():
+            raise SystemExit(f"{p} not found: run `dvc repro explain` first")
+    f = load_classifier(PATHS["train_classifier"], base).to(device)
+    g = load_generator(Path(PATHS["train_explainer"]) / "generator.pt", base, cfg.explainer).to(device)
+    channels_last(g, f, enabled=cfg.explain.channels_last)
+    with np.load(series_path) as z:
+        x = torch.from_numpy(z["queries"][:args.queries]).to(device)
+    nq, probes = len(x), cfg.explain.probes
+    print(f"{nq} queries x {base.num_bins} bins, explain.probes {probes}, baseline {ev.baseline_steps} steps at "
+          f"most, {torch.get_num_threads()} threads, device {device}")
+
+    def set_fold(enabled: bool) -> None:
+        for m in g.modules():
+            if isinstance(m, GeneratorBlock):
+                m.fold_resampling = enabled
+
+    def explainer(xb):
+        return explain_series(g, f, xb, base.num_bins, probes)[0]
+
+    def baseline(xb):
+        return pixel_search(f, xb, base.num_bins, ev.baseline_steps, ev.baseline_lr, ev.baseline_lambda,
+                            ev.baseline_tolerance)
+
+    # Untimed warm-up of both at every batch size (first calls with new shapes pay set-up).
+    for b in args.batches:
+        explainer(x[:b])
+        baseline(x[:min(b, 2)])
+    rows = []
+    for b in args.batches:
+        t_exp = t_exp_unfolded = t_base = 0.0
+        for i in range(0, nq, b):
+            xb = x[i:i + b]
+            for fold in ([True, False] if args.unfolded else [True]):
+                set_fold(fold)
+                start = time.perf_counter()
+                for _ in range(args.repeats):
+                    explainer(xb)
+                spent = (time.perf_counter() - start) / args.repeats
+                if fold:
+                    t_exp += spent
+                else:
+                    t_exp_unfolded += spent
+            set_fold(True)
+            start = time.perf_counter()
+            baseline(xb)
+            t_base += time.perf_counter() - start
+        rows.append((b, t_exp / nq, t_exp_unfolded / nq, t_base / nq))
+        line = (f"{b:4d} per call: explainer {t_exp / nq * 1000:7.2f} ms/series, baseline {t_base / nq:6.3f} s/series, "
+                f"ratio {t_base / t_exp:6.1f}")
+        if args.unfolded:
+            line += f"  (unfolded G {t_exp_unfolded / nq * 1000:7.2f} ms/series, x{t_exp_unfolded / t_exp:.2f})"
+        print(line, flush=True)
+    best_exp = min(rows, key=lambda r: r[1])
+    best_base = min(rows, key=lambda r: r[3])
+    print(f"each at its fastest: explainer {best_exp[1] * 1000:.2f} ms at {best_exp[0]} per call, baseline "
+          f"{best_base[3]:.3f} s at {best_base[0]} per call: {best_base[3] / best_exp[1]:.1f} times faster")
+
+
+if __name__ == "__main__":
+    main()
