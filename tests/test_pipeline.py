@@ -174,6 +174,19 @@ def test_evaluation_outputs(project):
         assert -1 <= real["oracle_agreement"] <= 1 and "what real data reaches" in table
 
 
+def test_bench_speedup_times_both_methods_at_each_batch_size(project, env):
+    out = run([sys.executable, str(REPO / "scripts" / "bench_speedup.py"), "--queries", "4", "--batches", "1", "2",
+               "--repeats", "1", "--unfolded"], project, env, timeout=600)
+    rows = re.findall(r"^\s*(\d+) per call: explainer\s+([\d.]+) ms/series, baseline\s+([\d.]+) s/series, "
+                      r"ratio\s+([\d.]+)\s+\(unfolded G\s+([\d.]+) ms/series", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["1", "2"]
+    for _, exp_ms, base_s, ratio, unfolded_ms in rows:
+        assert float(exp_ms) > 0 and float(base_s) > 0 and float(unfolded_ms) > 0
+        # baseline s / explainer ms, up to the rounding of the printed figures
+        assert float(ratio) == pytest.approx(float(base_s) * 1000 / float(exp_ms), rel=0.15, abs=0.5)
+    assert "each at its fastest:" in out.stdout
+
+
 def test_changing_one_stage_parameter_reruns_it_and_descendants_only(project, env, tmp_path):
     work = tmp_path / "work"
     run(["git", "clone", "-q", str(project), str(work)], tmp_path, env)
