@@ -14,7 +14,7 @@ batch, about 100 times shorter, is repeated --repeats times (mean). Needs a trai
 from __future__ import annotations
 
 import argparse
-import time
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,9 @@ import torch
 def main() -> None:
     from exaggerate.classifier import load_classifier
     from exaggerate.config import load_config
+    from exaggerate.evaluate import time_in_turns
     from exaggerate.explainer import explain_series, load_generator
     from exaggerate.metrics import pixel_search
-    from exaggerate.networks import GeneratorBlock
     from exaggerate.stages import PATHS
     from exaggerate.utils import channels_last, resolve_device, set_threads
 
@@ -56,51 +56,41 @@ def main() -> None:
     print(f"{nq} queries x {base.num_bins} bins, explain.probes {probes}, baseline {ev.baseline_steps} steps at "
           f"most, {torch.get_num_threads()} threads, device {device}")
 
-    def set_fold(enabled: bool) -> None:
-        for m in g.modules():
-            if isinstance(m, GeneratorBlock):
-                m.fold_resampling = enabled
+    g_unfolded = copy.deepcopy(g).fold_resampling(False)
 
-    def explainer(xb):
-        return explain_series(g, f, xb, base.num_bins, probes)[0]
+    def explainer(xb, gen=g):
+        return explain_series(gen, f, xb, base.num_bins, probes)[0]
 
-    def baseline(xb):
-        return pixel_search(f, xb, base.num_bins, ev.baseline_steps, ev.baseline_lr, ev.baseline_lambda,
-                            ev.baseline_tolerance)
+    def explainer_unfolded(xb):
+        return explainer(xb, g_unfolded)
 
-    # Untimed warm-up of both at every batch size (first calls with new shapes pay set-up).
+    def baseline(xb, steps=ev.baseline_steps):
+        return pixel_search(f, xb, base.num_bins, steps, ev.baseline_lr, ev.baseline_lambda, ev.baseline_tolerance)
+
+    methods = {"explainer": (explainer, args.repeats)}
+    if args.unfolded:
+        methods["unfolded"] = (explainer_unfolded, args.repeats)
+    methods["baseline"] = (baseline, 1)
+    # Untimed warm-up at every batch size (first calls with new shapes pay one-off set-up).
     for b in args.batches:
         explainer(x[:b])
-        baseline(x[:min(b, 2)])
+        if args.unfolded:
+            explainer_unfolded(x[:b])
+        baseline(x[:b], steps=2)
     rows = []
     for b in args.batches:
-        t_exp = t_exp_unfolded = t_base = 0.0
-        for i in range(0, nq, b):
-            xb = x[i:i + b]
-            for fold in ([True, False] if args.unfolded else [True]):
-                set_fold(fold)
-                start = time.perf_counter()
-                for _ in range(args.repeats):
-                    explainer(xb)
-                spent = (time.perf_counter() - start) / args.repeats
-                if fold:
-                    t_exp += spent
-                else:
-                    t_exp_unfolded += spent
-            set_fold(True)
-            start = time.perf_counter()
-            baseline(xb)
-            t_base += time.perf_counter() - start
-        rows.append((b, t_exp / nq, t_exp_unfolded / nq, t_base / nq))
-        line = (f"{b:4d} per call: explainer {t_exp / nq * 1000:7.2f} ms/series, baseline {t_base / nq:6.3f} s/series, "
-                f"ratio {t_base / t_exp:6.1f}")
+        t = time_in_turns(methods, x, b)[1]
+        rows.append((b, t["explainer"], t["baseline"]))
+        line = (f"{b:4d} per call: explainer {t['explainer'] * 1000:7.2f} ms/series, baseline "
+                f"{t['baseline']:6.3f} s/series, ratio {t['baseline'] / t['explainer']:6.1f}")
         if args.unfolded:
-            line += f"  (unfolded G {t_exp_unfolded / nq * 1000:7.2f} ms/series, x{t_exp_unfolded / t_exp:.2f})"
+            line += (f"  (unfolded G {t['unfolded'] * 1000:7.2f} ms/series, "
+                     f"x{t['unfolded'] / t['explainer']:.2f})")
         print(line, flush=True)
     best_exp = min(rows, key=lambda r: r[1])
-    best_base = min(rows, key=lambda r: r[3])
+    best_base = min(rows, key=lambda r: r[2])
     print(f"each at its fastest: explainer {best_exp[1] * 1000:.2f} ms at {best_exp[0]} per call, baseline "
-          f"{best_base[3]:.3f} s at {best_base[0]} per call: {best_base[3] / best_exp[1]:.1f} times faster")
+          f"{best_base[2]:.3f} s at {best_base[0]} per call: {best_base[2] / best_exp[1]:.1f} times faster")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,22 @@ def test_oracle_index_of_names_its_columns():
     assert oracle.index_of("Ankle boot") == 2
     assert oracle.index_of("Sneaker") == 0
     assert oracle.index_of("Smiling") is None
+
+
+def test_time_in_turns_interleaves_methods_per_batch_and_repeats_the_fast_one():
+    from exaggerate.evaluate import time_in_turns
+    calls = []
+
+    def method(name, scale):
+        def fn(xb):
+            calls.append((name, len(xb)))
+            return xb * scale
+        return fn
+
+    x = torch.arange(5.0)[:, None]
+    out, seconds = time_in_turns({"fast": (method("fast", 2), 3), "slow": (method("slow", -1), 1)}, x, 2)
+    # Batches of 2, 2 and 1; per batch the fast method three times, then the slow one once.
+    assert calls == [("fast", 2)] * 3 + [("slow", 2)] + [("fast", 2)] * 3 + [("slow", 2)] + \
+        [("fast", 1)] * 3 + [("slow", 1)]
+    assert torch.equal(out["fast"], 2 * x) and torch.equal(out["slow"], -x)
+    assert set(seconds) == {"fast", "slow"} and all(t > 0 for t in seconds.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -205,25 +205,14 @@ def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> di
     explain_series(g, f, x_sub[:step], base.num_bins, cfg.explain.probes)
     M.pixel_search(f, x_sub[:step], base.num_bins, 2, params.baseline_lr, params.baseline_lambda,
                    params.baseline_tolerance)
-    # The two methods take turns batch by batch, so that a slow spell of a shared machine falls on
-    # both; each explainer batch, about 100 times shorter than the baseline's, runs timing_repeats
-    # times (mean) so that its time is not one short sample.
-    t_explainer = t_baseline = 0.0
-    explainer_parts, baseline_parts = [], []
-    for i in range(0, nq, step):
-        xb = x_sub[i:i + step]
-        start = time.perf_counter()
-        for _ in range(params.timing_repeats):
-            s_exp = explain_series(g, f, xb, base.num_bins, cfg.explain.probes)[0]
-        t_explainer += (time.perf_counter() - start) / params.timing_repeats
-        explainer_parts.append(s_exp.cpu())
-        start = time.perf_counter()
-        s_base = M.pixel_search(f, xb, base.num_bins, params.baseline_steps, params.baseline_lr,
-                                params.baseline_lambda, params.baseline_tolerance)
-        t_baseline += time.perf_counter() - start
-        baseline_parts.append(s_base.cpu())
-    explainer_series, baseline_series = torch.cat(explainer_parts), torch.cat(baseline_parts)
-    t_explainer, t_baseline = t_explainer / nq, t_baseline / nq
+    out, seconds = time_in_turns(
+        {"explainer": (lambda xb: explain_series(g, f, xb, base.num_bins, cfg.explain.probes)[0],
+                       params.timing_repeats),
+         "baseline": (lambda xb: M.pixel_search(f, xb, base.num_bins, params.baseline_steps, params.baseline_lr,
+                                                params.baseline_lambda, params.baseline_tolerance), 1)},
+        x_sub, step)
+    explainer_series, baseline_series = out["explainer"], out["baseline"]
+    t_explainer, t_baseline = seconds["explainer"], seconds["baseline"]
 
     results = {}
     for name, s, d in (("explainer", torch.from_numpy(data["series"]), data),
@@ -263,6 +252,28 @@ def evaluate_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> di
     _figures(out_dir, summary, p_series, explainer_series, baseline_series, sub, base, tracker)
     print(results_table(summary))
     return summary
+
+
+def time_in_turns(methods: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]], x: torch.Tensor,
+                  batch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each method's output on x (concatenated, on the CPU) and its seconds per query.
+
+    methods maps a name to (function of a batch of queries, timed runs per batch). The methods
+    take turns batch by batch, so that a slow spell of a shared machine falls on all of them;
+    a method far faster than the others is run several times per batch (mean), so that its
+    time is not one short sample."""
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in methods}
+    spent = dict.fromkeys(methods, 0.0)
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        for name, (fn, repeats) in methods.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                result = fn(xb)
+            spent[name] += (time.perf_counter() - start) / repeats
+            parts[name].append(result.cpu())
+    return ({name: torch.cat(p) for name, p in parts.items()},
+            {name: t / len(x) for name, t in spent.items()})
 
 
 def _oracle_accuracy(paths: dict) -> Optional[float]:

@@ -57,7 +57,7 @@ class GeneratorBlock(nn.Module):
     resample: "down" (2x2 average pooling), "up" (nearest-neighbour x2) or None."""
 
     # In eval mode, forward folds each resampling into its convolution (_forward_folded); False
-    # gives the training path's ops, which the tests compare against.
+    # gives the training path's ops (Generator.fold_resampling sets it for every block).
     fold_resampling = True
 
     def __init__(self, c_in: int, c_out: int, num_bins: int, resample: str | None):
@@ -158,6 +158,13 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x, c), c)
+
+    def fold_resampling(self, enabled: bool = True) -> "Generator":
+        """Whether eval mode folds each block's resampling into its convolutions (the default;
+        GeneratorBlock._forward_folded) or runs the training path's ops."""
+        for block in (*self.encoder, *self.decoder):
+            block.fold_resampling = enabled
+        return self
 
 
 class DiscriminatorBlock(nn.Module):
