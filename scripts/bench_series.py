@@ -26,7 +26,8 @@ def main() -> None:
     from exaggerate.classifier import load_classifier
     from exaggerate.config import load_config
     from exaggerate.datasets import DatasetError, open_dataset
-    from exaggerate.explainer import build_networks, load_generator, series
+    from exaggerate.checkpoint import build_networks, load_generator
+    from exaggerate.inference import series
     from exaggerate.stages import PATHS
     from exaggerate.utils import channels_last, resolve_device, set_threads
 

@@ -25,8 +25,9 @@ def main() -> None:
     from exaggerate.classifier import load_classifier
     from exaggerate.config import load_config
     from exaggerate.evaluate import time_in_turns
-    from exaggerate.explainer import explain_series, load_generator
-    from exaggerate.metrics import pixel_search
+    from exaggerate.baseline import pixel_search
+    from exaggerate.checkpoint import load_generator
+    from exaggerate.inference import explain_series
     from exaggerate.stages import PATHS
     from exaggerate.utils import channels_last, resolve_device, set_threads
 

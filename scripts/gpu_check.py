@@ -22,7 +22,10 @@ import torch
 def main() -> None:
     from exaggerate.classifier import BlackBox, build_densenet
     from exaggerate.config import Base, load_config
-    from exaggerate.explainer import TrainState, build_networks, explainer_step
+    from exaggerate.augment import augment
+    from exaggerate.checkpoint import TrainState, build_networks
+    from exaggerate.losses import ExplainerLoss, LossWeights
+    from exaggerate.training_loop import explainer_step
     from exaggerate.utils import channels_last
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,16 +66,19 @@ def main() -> None:
                            torch.optim.Adam(d.parameters(), lr=params.lr_d, betas=tuple(params.betas)),
                            torch.Generator().manual_seed(0))
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        loss = ExplainerLoss(g, d, f, base.num_bins,
+                             LossWeights(params.lambda_gan, params.lambda_cyc, params.lambda_cls, params.lambda_rec),
+                             lambda img, rng=state.sampler_rng: augment(img, params.augment, rng))
         x = torch.rand(params.batch_size, base.channels, base.image_size, base.image_size, device=device) * 2 - 1
         c = torch.randint(base.num_bins, (params.batch_size,), device=device)
         for _ in range(args.warmup):
-            explainer_step(state, f, x, c, base, params, autocast)
+            explainer_step(state, loss, x, c, params.n_critic, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(args.steps):
-            losses = explainer_step(state, f, x, c, base, params, autocast)
+            losses = explainer_step(state, loss, x, c, params.n_critic, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start

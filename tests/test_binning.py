@@ -1,9 +1,10 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 from exaggerate.config import Base, Bin
 from exaggerate.plots import reliability
-from exaggerate.posteriors import PosteriorError, bin_index, bin_stage, calibrated_sample, read_table
+from exaggerate.posteriors import INPUT_COLUMNS, PosteriorError, bin_index, bin_stage, calibrated_sample, read_table
 
 
 def _overconfident(n=20000, seed=0):
@@ -53,10 +54,10 @@ def test_bad_sampling_settings(bins, per_bin, msg):
 
 def test_bin_stage_writes_table_metrics_plots(tmp_path):
     p, y = _overconfident(3000)
-    rows = [{"id": f"im{i}", "split": "train", "label_Boot": int(t), "p": float(q), "bin": int(b)}
-            for i, (q, t, b) in enumerate(zip(p, y, bin_index(p, 10)))]
+    rows = pd.DataFrame([{"id": f"im{i}", "split": "train", "label_Boot": int(t), "p": float(q), "bin": int(b)}
+                         for i, (q, t, b) in enumerate(zip(p, y, bin_index(p, 10)))])
     metrics = bin_stage(rows, "Boot", Base(), Bin(per_bin=100), tmp_path)
-    table = read_table(tmp_path / "explainer_inputs.csv")
+    table = read_table(tmp_path / "explainer_inputs.csv", INPUT_COLUMNS)
     assert len(table) == metrics["images"] <= 1000
     assert metrics["after"]["ece"] < metrics["before"]["ece"]
     assert metrics["empty_bins"] == []

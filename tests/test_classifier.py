@@ -60,15 +60,16 @@ def test_mixup_blends_images_and_labels_by_the_same_share():
     assert not torch.equal(mx, x)
 
 
-def test_mixup_trains_another_classifier_and_leaves_the_default_signature(trained, tmp_path):
+def test_mixup_off_trains_another_classifier_with_its_own_signature(trained, tmp_path):
     import dataclasses
 
     from exaggerate.classifier import _train_signature
     base, ds, splits, out, _ = trained
-    assert "mixup_alpha" not in _train_signature(TINY_CLASSIFIER, base, ds, splits)
-    mixed = dataclasses.replace(TINY_CLASSIFIER, mixup_alpha=0.4)
-    assert _train_signature(mixed, base, ds, splits)["mixup_alpha"] == 0.4
-    train_classifier(ds, splits, base, mixed, tmp_path)
+    assert TINY_CLASSIFIER.mixup_alpha == 0.4  # params.yaml's default
+    plain = dataclasses.replace(TINY_CLASSIFIER, mixup_alpha=0.0)
+    assert _train_signature(plain, base, ds, splits)["mixup_alpha"] == 0.0
+    assert _train_signature(TINY_CLASSIFIER, base, ds, splits)["mixup_alpha"] == 0.4
+    train_classifier(ds, splits, base, plain, tmp_path)
     a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     assert not all(torch.equal(a[k], b[k]) for k in a)
@@ -115,9 +116,9 @@ def test_external_torchscript_runs_the_posterior_stage(trained, tmp_path):
         ((x + 1) / 2).expand(-1, 3, -1, -1), size=(24, 24), mode="bilinear", align_corners=False))[:, 2])
     assert torch.allclose(f(x), manual, atol=1e-6)
     summary = posterior_stage(f, ds, splits, base, 64, tmp_path / "post")
-    rows = read_table(tmp_path / "post" / "posteriors.csv")
-    assert len(rows) == sum(len(v) for v in splits.values())
-    assert all(0 <= r["p"] <= 1 and r["bin"] == min(int(r["p"] * 10), 9) for r in rows)
+    table = read_table(tmp_path / "post" / "posteriors.csv")
+    assert len(table) == sum(len(v) for v in splits.values())
+    assert all(0 <= p <= 1 and b == min(int(p * 10), 9) for p, b in zip(table["p"], table["bin"]))
     assert sum(summary["test"]["bin_counts"]) == len(splits["test"])
 
 

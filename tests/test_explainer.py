@@ -6,10 +6,12 @@ import torch.nn as nn
 
 from exaggerate.classifier import BlackBox, train_classifier, load_classifier
 from exaggerate.config import Base, ConfigError
-from exaggerate.explainer import (CheckpointError, PairSampler, TrainingDiverged, _bce, architecture, augment,
-                                  bin_targets, build_networks, calibrated_conditions, check_signature, cls_weights,
-                                  explain_series, fit, load_generator, lr_factor, series, training_signature,
-                                  update_ema)
+from exaggerate.io import ArtifactError
+from exaggerate.augment import augment
+from exaggerate.checkpoint import (CheckpointError, architecture, build_networks, check_signature, load_generator,
+                                   training_signature)
+from exaggerate.inference import calibrated_conditions, explain_series, series
+from exaggerate.training_loop import PairSampler, TrainingDiverged, fit
 from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
 from exaggerate.networks import Discriminator, Generator
@@ -73,79 +75,20 @@ def test_discriminator_ordinal_projection_sums_levels():
         assert outs[c] - outs[c - 1] == pytest.approx(float(v[c - 1] @ phi[0]), abs=1e-4)
 
 
-def test_bin_targets():
-    c = torch.tensor([0, 4, 9])
-    assert torch.allclose(bin_targets(c, 10, "centre"), torch.tensor([0.05, 0.45, 0.95]))
-    assert torch.allclose(bin_targets(c, 10, "lower"), torch.tensor([0.0, 0.4, 0.9]))
-
-
-def test_variance_weighting_costs_a_posterior_error_the_same_in_every_bin():
-    uniform, variance = TINY_EXPLAINER, dataclasses.replace(TINY_EXPLAINER, cls_weighting="variance")
-    every = torch.arange(10)
-    assert cls_weights(every, 10, uniform) is None
-    w = cls_weights(every, 10, variance)
-    assert w.mean().item() == pytest.approx(1.0)  # lambda_cls keeps its scale
-    assert torch.allclose(w, w.flip(0))
-    assert w[0] / w[4] == pytest.approx(0.05 * 0.95 / (0.45 * 0.55))
-    # Bin 0 keeps a weight under the original code's lower-edge target (t = 0 there).
-    assert torch.allclose(cls_weights(every, 10, dataclasses.replace(variance, target="lower")), w)
-
-    def extra_cost(c: int, weighting) -> float:  # the loss a posterior 0.01 off its target adds
-        t = bin_targets(torch.tensor([c]), 10, "centre").double()
-        weight = cls_weights(torch.tensor([c]), 10, weighting)
-        off = _bce(t + 0.01, t, weight=weight) + _bce(t - 0.01, t, weight=weight)
-        return (off / 2 - _bce(t, t, weight=weight)).item()  # either way, on average
-
-    assert extra_cost(0, uniform) > 4 * extra_cost(4, uniform)  # plain BCE: the end bins cost 5x
-    assert extra_cost(0, variance) == pytest.approx(extra_cost(4, variance), rel=0.1)
-
-
-def test_signature_leaves_out_original_options_and_refuses_the_others(setup):
-    base = setup[0]
-    plain = training_signature(base, TINY_EXPLAINER)
-    assert "cls_weighting" not in plain and "cls_target" not in plain and plain["target"] == base.target
-    weighted = training_signature(base, dataclasses.replace(TINY_EXPLAINER, cls_weighting="variance"))
-    assert weighted["cls_weighting"] == "variance"
-    assert training_signature(base, dataclasses.replace(TINY_EXPLAINER, target="lower"))["cls_target"] == "lower"
-    # A checkpoint of the weighted run is refused under the original settings, and vice versa.
-    with pytest.raises(CheckpointError, match="cls_weighting='variance'.*cls_weighting=None"):
-        check_signature(weighted, plain, "step-00000002.pt")
-    with pytest.raises(CheckpointError, match="cls_weighting=None.*cls_weighting='variance'"):
-        check_signature(plain, weighted, "step-00000002.pt")
-    check_signature(plain, dict(plain), "step-00000002.pt")
-
-
-def test_pair_sampler_balances_bins_as_asked_and_keeps_the_uniform_stream(setup):
+def test_pair_sampler_draws_every_binned_image_equally_often_from_its_stream(setup):
     _, ds, _, _, indices, bins = setup
-    bins = bins.copy()
-    bins[: len(bins) // 2] = 0  # a crowded bin, as the default's end bins are
     sizes = torch.bincount(torch.from_numpy(bins), minlength=10).double()
-    present = sizes > 0
-
-    def shares(sampling):
-        sampler = PairSampler(ds, indices, bins, 64, torch.Generator().manual_seed(0), sampling)
-        drawn = torch.cat([sampler.sample()[1] for _ in range(200)])
-        return torch.bincount(drawn, minlength=10).double() / len(drawn)
-
-    expected = {"uniform": sizes / sizes.sum(), "sqrt": sizes.sqrt() / sizes.sqrt().sum(),
-                "balanced": present.double() / present.sum()}
-    for sampling, want in expected.items():
-        assert torch.allclose(shares(sampling), want, atol=0.02), sampling
-    # "uniform" draws exactly what it drew before the option existed: old runs replay bit for bit.
+    sampler = PairSampler(ds, indices, bins, 64, torch.Generator().manual_seed(0))
+    drawn = torch.cat([sampler.sample()[1] for _ in range(200)])
+    assert torch.allclose(torch.bincount(drawn, minlength=10).double() / len(drawn), sizes / sizes.sum(), atol=0.02)
+    # The draw is torch.randint on the run's generator: checkpointing that generator replays it.
     rng = torch.Generator().manual_seed(3)
     x, c = PairSampler(ds, indices, bins, 8, torch.Generator().manual_seed(3)).sample()
     idx = torch.randint(len(bins), (8,), generator=rng)
     assert torch.equal(c, torch.from_numpy(bins)[idx]) and torch.equal(x, ds.images(indices[idx.numpy()]))
-    # Another sampling is another run: it never resumes a uniform run's checkpoint.
-    base = setup[0]
-    plain = training_signature(base, TINY_EXPLAINER)
-    assert "sampling" not in plain
-    with pytest.raises(CheckpointError, match="sampling"):
-        check_signature(training_signature(base, dataclasses.replace(TINY_EXPLAINER, sampling="sqrt")), plain,
-                        "step-00000002.pt")
 
 
-def test_augment_translates_and_cuts_out_each_image_on_its_own():
+def test_augment_translates_each_image_on_its_own():
     h = w = 16
     x = (torch.arange(3 * h * w, dtype=torch.float32).view(3, 1, h, w) + 1).requires_grad_()
     rng = torch.Generator().manual_seed(0)
@@ -166,18 +109,12 @@ def test_augment_translates_and_cuts_out_each_image_on_its_own():
     # differentiable: every output pixel takes its gradient back to exactly one input pixel
     y.sum().backward()
     assert x.grad.sum().item() == pytest.approx(y.numel())
-    y = augment(x.detach(), "translation_cutout", rng)
-    for i in range(3):
-        blank = y[i, 0] == 0  # the input holds no zeros, so zeros are the cut-out square
-        assert blank.sum().item() == (h // 2) * (w // 2)
-        rows, cols = blank.any(1).nonzero(), blank.any(0).nonzero()
-        assert len(rows) == h // 2 and len(cols) == w // 2  # one square, not scattered pixels
-    # Augmenting is another run: it never resumes an unaugmented run's checkpoint.
-    plain = training_signature(Base(), TINY_EXPLAINER)
-    assert "augment" not in plain
-    with pytest.raises(CheckpointError, match="augment"):
-        check_signature(training_signature(Base(), dataclasses.replace(TINY_EXPLAINER, augment="translation")),
-                        plain, "step-00000002.pt")
+    # Another augmentation is another run: it never resumes an unaugmented run's checkpoint.
+    plain = training_signature(Base(), dataclasses.replace(TINY_EXPLAINER, augment="none"))
+    with pytest.raises(CheckpointError, match="augment='translation'.*augment='none'"):
+        check_signature(training_signature(Base(), TINY_EXPLAINER), plain, "step-00000002.pt")
+    with pytest.raises(ValueError, match="unknown augmentation 'cutout'"):
+        augment(x, "cutout", rng)
 
 
 def test_conditional_norm_interpolates_between_bins_and_folds_statistics_in_eval():
@@ -382,9 +319,9 @@ def test_explainer_seed_defaults_to_base_seed_and_changes_the_run(setup, tmp_pat
 
 def test_reconstruction_term_trains_g_towards_the_query_at_its_own_bin(setup, tmp_path):
     base, ds, splits, f, idx, bins = setup
-    assert "lambda_rec" not in training_signature(base, TINY_EXPLAINER)  # off: old checkpoints resume
+    no_rec = dataclasses.replace(TINY_EXPLAINER, lambda_rec=0.0)
     rec = dataclasses.replace(TINY_EXPLAINER, lambda_rec=50.0)
-    assert training_signature(base, rec)["lambda_rec"] == 50.0
+    assert training_signature(base, rec)["lambda_rec"] == 50.0 and training_signature(base, no_rec)["lambda_rec"] == 0
     class Recorder(Tracker):
         def __init__(self):
             self.logged = []
@@ -393,67 +330,14 @@ def test_reconstruction_term_trains_g_towards_the_query_at_its_own_bin(setup, tm
             self.logged.append(values)
 
     off, on = Recorder(), Recorder()
-    fit(ds, idx, bins, splits["val"], f, base, TINY_EXPLAINER, tmp_path / "off", tracker=off)
+    fit(ds, idx, bins, splits["val"], f, base, no_rec, tmp_path / "off", tracker=off)
     fit(ds, idx, bins, splits["val"], f, base, rec, tmp_path / "on", tracker=on)
-    assert off.logged and all("g_rec" not in v for v in off.logged)
-    assert on.logged and all(v["g_rec"] > 0 for v in on.logged)
+    assert off.logged and all("g_reconstruction" not in v for v in off.logged)
+    assert on.logged and all(v["g_reconstruction"] > 0 for v in on.logged)
     a, b = (torch.load(tmp_path / k / "generator.pt", weights_only=True)["generator"] for k in ("off", "on"))
     assert not all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="explainer.lambda_rec"):
         dataclasses.replace(TINY_EXPLAINER, lambda_rec=-1.0).validate("explainer")
-
-
-def test_update_ema_averages_weights_and_copies_statistics():
-    ema, g = Generator(1, [4, 8], 3), Generator(1, [4, 8], 3)
-    before = [p.clone() for p in ema.parameters()]
-    with torch.no_grad():
-        g.out_bn.running_mean.fill_(0.7)
-    update_ema(ema, g, 0.75)
-    for p0, p1, pe in zip(before, g.parameters(), ema.parameters()):
-        assert torch.allclose(pe, 0.75 * p0 + 0.25 * p1)
-    assert torch.equal(ema.out_bn.running_mean, g.out_bn.running_mean)
-
-
-def test_fit_with_ema_saves_the_average_and_resumes_it(setup, tmp_path, capsys):
-    base, ds, splits, f, idx, bins = setup
-    averaged = dataclasses.replace(TINY_EXPLAINER, ema_decay=0.9)
-    # Off, the option leaves the signature (and so old checkpoints) as they were.
-    assert "ema_decay" not in training_signature(base, TINY_EXPLAINER)
-    assert training_signature(base, averaged)["ema_decay"] == 0.9
-
-    fit(ds, idx, bins, splits["val"], f, base, averaged, tmp_path / "a")
-    saved = torch.load(tmp_path / "a/generator.pt", weights_only=True)["generator"]
-    ckpt = torch.load(sorted((tmp_path / "a/checkpoints").glob("*/step-*.pt"))[-1], weights_only=True)
-    assert all(torch.equal(saved[k], ckpt["generator_ema"][k]) for k in saved)
-    assert not all(torch.equal(saved[k], ckpt["generator"][k]) for k in saved)
-
-    # Interrupted and resumed, the average matches an uninterrupted run bit for bit.
-    longer = dataclasses.replace(averaged, steps=6)
-    fit(ds, idx, bins, splits["val"], f, base, longer, tmp_path / "a")
-    assert "resuming explainer training at step 4" in capsys.readouterr().out
-    fit(ds, idx, bins, splits["val"], f, base, longer, tmp_path / "b")
-    a = torch.load(tmp_path / "a/generator.pt", weights_only=True)["generator"]
-    b = torch.load(tmp_path / "b/generator.pt", weights_only=True)["generator"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_lr_decay_falls_linearly_over_the_last_steps():
-    p = dataclasses.replace(TINY_EXPLAINER, steps=100, lr_decay=0.4)
-    assert [lr_factor(s, p) for s in (0, 59, 60, 80, 99)] == [1.0, 1.0, 1.0, 0.5, 0.025]
-    assert lr_factor(99, dataclasses.replace(p, lr_decay=0.0)) == 1.0
-
-
-def test_fit_with_lr_decay_trains_at_the_scheduled_rate_and_pins_the_length(setup, tmp_path):
-    base, ds, splits, f, idx, bins = setup
-    decayed = dataclasses.replace(TINY_EXPLAINER, steps=4, lr_decay=0.5)
-    assert "lr_decay" not in training_signature(base, TINY_EXPLAINER)
-    signature = training_signature(base, decayed)
-    assert signature["lr_decay"] == 0.5 and signature["steps"] == 4
-    fit(ds, idx, bins, splits["val"], f, base, decayed, tmp_path)
-    ckpt = torch.load(sorted((tmp_path / "checkpoints").glob("*/step-*.pt"))[-1], weights_only=True)
-    # The last iteration (index 3) ran at (4 - 3) / 2 of the base rate.
-    assert ckpt["opt_g"]["param_groups"][0]["lr"] == pytest.approx(decayed.lr_g / 2)
-    assert ckpt["opt_d"]["param_groups"][0]["lr"] == pytest.approx(decayed.lr_d / 2)
 
 
 def test_generator_from_other_settings_is_refused(setup, tmp_path):
@@ -465,8 +349,16 @@ def test_generator_from_other_settings_is_refused(setup, tmp_path):
     with pytest.raises(CheckpointError, match="num_bins=10.*num_bins=5"):
         load_generator(tmp_path / "generator.pt", dataclasses.replace(base, num_bins=5), TINY_EXPLAINER)
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="cannot read generator"):
+    with pytest.raises(ArtifactError, match="cannot read generator .*junk.pt"):
         load_generator(tmp_path / "junk.pt", base, TINY_EXPLAINER)
+    # Truncated, and a torch file without the generator's keys: named errors, not tracebacks.
+    data = (tmp_path / "generator.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="cannot read generator .*cut.pt"):
+        load_generator(tmp_path / "cut.pt", base, TINY_EXPLAINER)
+    torch.save({"architecture": architecture(base, TINY_EXPLAINER)}, tmp_path / "nokey.pt")
+    with pytest.raises(ArtifactError, match="nokey.pt lacks the key.s. generator"):
+        load_generator(tmp_path / "nokey.pt", base, TINY_EXPLAINER)
 
 
 def test_nan_loss_stops_with_step_and_checkpoint(setup, tmp_path):
@@ -483,7 +375,7 @@ def test_nan_loss_stops_with_step_and_checkpoint(setup, tmp_path):
 
     bad = BlackBox(Poisoned(), ["Ankle boot"], 32, 1, output="probability")
     params = dataclasses.replace(TINY_EXPLAINER, steps=50)
-    with pytest.raises(TrainingDiverged, match=r"loss g_cls\w* became nan at step \d+; the last good checkpoint is .*step-0000000\d.pt"):
+    with pytest.raises(TrainingDiverged, match=r"loss g_classifier\w* became nan at step \d+; the last good checkpoint is .*step-0000000\d.pt"):
         fit(ds, idx, bins, splits["val"], bad, base, params, tmp_path)
 
 

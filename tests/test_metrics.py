@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from exaggerate import metrics as M
+from exaggerate.baseline import pixel_search
 from exaggerate.posteriors import bin_centre
 
 
@@ -75,10 +76,6 @@ def test_compatibility_monotonic_and_flips():
     assert M.flips(p_query, p_series).tolist() == [True, True, False]
     assert M.scalar_objective(0.1, 20.0, 0.002) == pytest.approx(0.14)
     assert M.scalar_objective(0.1, None, 0.002) is None
-    # The agreement term: weight x (1 - agreement), left out at weight 0, no score without agreement.
-    assert M.scalar_objective(0.1, 20.0, 0.002, agreement=0.6, agreement_weight=0.5) == pytest.approx(0.34)
-    assert M.scalar_objective(0.1, 20.0, 0.002, agreement=0.6) == pytest.approx(0.14)
-    assert M.scalar_objective(0.1, 20.0, 0.002, agreement=None, agreement_weight=0.5) is None
     curves = M.compatibility_curves(perfect, np.array([0.1, 0.5, 0.95]))
     assert set(curves) == {"0.0-0.2", "0.4-0.6", "0.8-1.0"}
 
@@ -121,7 +118,7 @@ def test_pixel_search_reaches_the_target_bins():
     def mean_f(x):
         return torch.sigmoid(8 * x.mean(dim=(1, 2, 3)))
     x = torch.full((2, 1, 6, 6), -0.5)
-    s = M.pixel_search(mean_f, x, 10, steps=400, lr=0.05, lam=0.0, tolerance=0.01)
+    s = pixel_search(mean_f, x, 10, steps=400, lr=0.05, lam=0.0, tolerance=0.01)
     assert s.shape == (2, 10, 1, 6, 6) and s.min() >= -1 and s.max() <= 1
     p = mean_f(s.flatten(0, 1)).reshape(2, 10).detach().numpy()
     assert np.abs(p - bin_centre(np.arange(10), 10)).max() < 0.011
@@ -142,17 +139,17 @@ def test_face_identity_on_real_faces():
     assert diff["fva"] == 0.0 and diff["face_distance"] > 0.6
 
 
-def test_results_table_names_the_agreement_term_only_when_it_counts():
-    from exaggerate.evaluate import results_table
+def test_results_table_lists_each_method_and_names_absent_metrics():
+    from exaggerate.report import results_table
 
-    method = {"compatibility_mae": 0.1, "tuning_objective": 0.3}
+    method = {"compatibility_mae": 0.1, "tuning_objective": 0.3, "fid_oracle": None}
     summary = {"queries": 4, "baseline_queries": 2, "explainer": method, "explainer_on_baseline_queries": method,
-               "baseline": method, "absent": {}}
-    plain = results_table(summary)
-    assert "tuning objective: MAE + tune.fid_weight x fid_oracle (lower)" in plain
-    assert "agreement) (lower)" not in plain
-    weighted = results_table({**summary, "tune_agreement_weight": 0.5})
-    assert "fid_oracle + 0.5 x (1 - oracle agreement) (lower) | 0.3 |" in weighted
+               "baseline": {**method, "compatibility_mae": 0.2}, "absent": {"mnac": "single-label dataset"}}
+    table = results_table(summary)
+    assert "| compatibility MAE (lower) | 0.1 | 0.1 | 0.2 |" in table
+    assert "| tuning objective: MAE + tune.fid_weight x fid_oracle (lower) | 0.3 | 0.3 | 0.3 |" in table
+    assert "fid_oracle, mean over target bins (lower) | absent |" in table
+    assert "- mnac: single-label dataset" in table
 
 
 def test_oracle_index_of_names_its_columns():

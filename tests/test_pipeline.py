@@ -144,7 +144,8 @@ def test_mlflow_runs_are_recorded(project, env):
     client = mlflow.MlflowClient()
     assert {"reliability.png", "val_grid.png", "params.yaml"} <= {a.path for a in client.list_artifacts(clf.info.run_id)}
     gan = next(r for r in runs if r.data.tags["dvc_stage"] == "train_explainer")
-    assert {"d_hinge", "g_adv", "g_cls", "g_cycle", "g_embedding"} <= set(gan.data.metrics)
+    assert {"d_adversarial", "d_total", "g_adversarial", "g_classifier", "g_classifier_cycle", "g_cycle",
+            "g_embedding", "g_reconstruction", "g_total"} <= set(gan.data.metrics)
     series = {a.path for a in client.list_artifacts(gan.info.run_id, "series")}
     assert "series/step_00000003.png" in series and "series/step_00000006.png" in series
     ev = next(r for r in runs if r.data.tags["dvc_stage"] == "evaluate")
@@ -293,6 +294,16 @@ def test_explain_command_on_user_files(project, env, tmp_path):
     res = json.loads((tmp_path / "out" / "posteriors.json").read_text())
     assert len(res["images"][0]["p_series"]) == 10 and len(res["images"][0]["conditions"]) == 10
     assert (tmp_path / "out" / "my_boot_series.png").stat().st_size > 1000
+    # Two inputs with one basename keep one strip each, and posteriors.json says which is which.
+    for folder, flip in (("a", False), ("b", True)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(boot[:, ::-1] if flip else boot).save(tmp_path / folder / "boot.png")
+    run([str(BIN / "exaggerate"), "explain", str(tmp_path / "a/boot.png"), str(tmp_path / "b/boot.png"), "--out",
+         str(tmp_path / "twins")], project, env)
+    twins = json.loads((tmp_path / "twins" / "posteriors.json").read_text())["images"]
+    assert [Path(t["strip"]).name for t in twins] == ["boot_series.png", "boot-2_series.png"]
+    assert all(Path(t["strip"]).stat().st_size > 1000 for t in twins)
+    assert (tmp_path / "twins/boot_series.png").read_bytes() != (tmp_path / "twins/boot-2_series.png").read_bytes()
 
     bad = run([str(BIN / "exaggerate"), "explain", str(tmp_path / "colour.jpg"), "--out", str(tmp_path / "o2")],
               project, env, check=False)
@@ -370,10 +381,13 @@ def test_sweep_repeats_the_pipeline_run_per_seed_and_resumes(project, env, tmp_p
     assert "2 settings x 2 seeds; 0 runs already done, 4 to run with 2 worker(s)" in out.stdout
     rows = {r["tag"]: r for r in json.loads((out_dir / "rows.json").read_text())}
     assert sorted(rows) == ["g1_s0", "g1_s1", "same_s0", "same_s1"]
-    # Seed 0 with params.yaml unchanged is the pipeline's own run, to the bit (same threads, same seeds).
-    pipeline = json.loads((project / "outputs/evaluate/metrics.json").read_text())["explainer"]
-    for key in ("compatibility_mae", "reconstruction_l1", "oracle_agreement", "fid_oracle"):
-        assert rows["same_s0"][key] == pipeline[key], key
+    # Seed 0 with params.yaml unchanged trains the pipeline's own generator, to the bit (same threads,
+    # same seeds); sweeps compare settings on validation queries, never on the test split.
+    assert (out_dir / "runs/same_s0/explainer/generator.pt").read_bytes() == \
+        (project / "outputs/explainer/generator.pt").read_bytes()
+    for tag in rows:
+        assert json.loads((out_dir / "runs" / tag / "explain/metrics.json").read_text())["split"] == "val"
+        assert json.loads((out_dir / "runs" / tag / "evaluate/metrics.json").read_text())["real_images"]["split"] == "val"
     assert rows["same_s1"]["reconstruction_l1"] != rows["same_s0"]["reconstruction_l1"]
     assert rows["g1_s0"]["reconstruction_l1"] != rows["same_s0"]["reconstruction_l1"]
     g1 = yaml.safe_load((out_dir / "runs/g1_s1/params.yaml").read_text())["explainer"]
@@ -387,6 +401,13 @@ def test_sweep_repeats_the_pipeline_run_per_seed_and_resumes(project, env, tmp_p
     again = run(cmd[:-6] + ["0", "1", "2", "--workers", "1", "--out", str(out_dir)], project, env)
     assert "4 runs already done, 2 to run" in again.stdout
     assert len(json.loads((out_dir / "rows.json").read_text())) == 6
+    # A finished run whose setting has changed since is run again, not reused.
+    changed = run([str(BIN / "exaggerate"), "sweep", "--setting", "g1:explainer.lambda_gan=2,explainer.augment=none",
+                   "--seeds", "0", "--out", str(out_dir)], project, env)
+    assert "g1_s0 finished under other settings; running it again" in changed.stdout
+    assert "0 runs already done, 1 to run" in changed.stdout
+    rerun = {r["tag"]: r for r in json.loads((out_dir / "rows.json").read_text())}["g1_s0"]
+    assert rerun["reconstruction_l1"] != rows["g1_s0"]["reconstruction_l1"]
     bad = run([str(BIN / "exaggerate"), "sweep", "--setting", "x:explainer.lambda_gann=1", "--out",
                str(tmp_path / "bad")], project, env, check=False)
     assert bad.returncode == 2 and "sweep setting 'x'" in bad.stderr and "lambda_gann" in bad.stderr
@@ -433,7 +454,7 @@ def test_tune_two_workers_journal_backend_and_resume(project, env, tmp_path):
     assert "dvc exp run -S explainer.lambda" in (project / "results/tune/best_params.yaml").read_text()
     for name in ("trials.csv", "summary.json", "history.png", "importances.png"):
         assert (project / "results/tune" / name).is_file(), name
-    # Complete trials record the oracle agreement; with agreement_weight 0 the objective leaves it out.
+    # Complete trials record the oracle agreement; the objective is MAE + fid_weight x fid_oracle.
     rows = [r for r in csv.DictReader((project / "results/tune/trials.csv").open()) if r["state"] == "COMPLETE"]
     assert rows
     fid_weight = tiny_params()["tune"]["fid_weight"]
@@ -528,21 +549,21 @@ def _worker_pid(parent: int):
 def test_failing_trial_is_recorded_and_study_goes_on(project, env, monkeypatch, tmp_path):
     import optuna
 
-    from exaggerate import explainer, tune
+    from exaggerate import training_loop, tune
     from exaggerate.config import load_config
     from exaggerate.stages import PATHS
 
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     calls = {"n": 0}
-    real_fit = explainer.fit
+    real_fit = training_loop.fit
 
     def flaky_fit(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise explainer.TrainingDiverged("loss g_cls became nan at step 3; no checkpoint was written yet")
+            raise training_loop.TrainingDiverged("loss g_classifier became nan at step 3; no checkpoint was written yet")
         return real_fit(*args, **kwargs)
-    monkeypatch.setattr(explainer, "fit", flaky_fit)
+    monkeypatch.setattr(training_loop, "fit", flaky_fit)
     cfg = load_config("params.yaml")
     summary = tune.run_study(cfg, PATHS, workers=1, n_trials=3, storage_url=f"sqlite:///{tmp_path / 'f.db'}",
                              study_name="flaky", out_dir=tmp_path / "out")

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from exaggerate.classifier import BlackBox
 from exaggerate.posteriors import bin_centre
-from exaggerate.series import explain_batch, series_metrics
+from exaggerate.inference import explain_batch
+from exaggerate.series import series_metrics, strip_names
 
 
 class _IdentityGenerator(nn.Module):
@@ -42,3 +43,8 @@ def test_metrics_of_a_broken_series():
     assert m["compatibility_mae"] == pytest.approx(np.abs(p - centres).mean())
     assert m["monotonic_share"] == 0.5
     assert m["reconstruction_l1"] == pytest.approx(0.5)
+
+
+def test_strip_names_stay_unique_when_basenames_repeat():
+    names = strip_names(["a/boot.png", "b/boot.png", "c/boot.jpg", "shoe 1.png"])
+    assert names == ["boot_series.png", "boot-2_series.png", "boot-3_series.png", "shoe_1_series.png"]

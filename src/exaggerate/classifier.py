@@ -18,17 +18,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
 from torchvision.models import DenseNet
-from tqdm.auto import tqdm
 
 from . import plots
 from .config import Base, Classifier as ClassifierParams, ExternalClassifier
 from .datasets import ImageDataset
-from .io import read_json, save_figure, save_torch, write_json
+from .errors import ExaggerateError
+from .io import ArtifactError, read_json, read_torch_file, save_figure, save_torch, write_json
 from .tracking import Tracker
-from .utils import resolve_device, seed_everything
+from .utils import progress as progress_bar, resolve_device, seed_everything
 
 
-class ClassifierError(ValueError):
+class ClassifierError(ExaggerateError, ValueError):
     """A classifier file or its outputs cannot be used; the message names the file."""
 
 
@@ -113,7 +113,7 @@ def classification_metrics(p: np.ndarray, y: np.ndarray, num_bins: int = 10) -> 
 def predict(f: nn.Module, loader, device: torch.device, progress: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """All outputs (N, K) and labels (N, L) of a loader of (image, labels)."""
     outs, labels = [], []
-    for x, y in tqdm(loader, desc=progress, disable=progress is None, leave=False, mininterval=1.0):
+    for x, y in progress_bar(loader, desc=progress, disable=progress is None, leave=False):
         outs.append(f(x.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(outs).numpy(), torch.cat(labels).numpy()
@@ -138,52 +138,24 @@ def train_classifier(dataset: ImageDataset, splits: dict[str, np.ndarray], base:
     arch = _arch(params, base, label_names)
     model = build_densenet(params, base.channels, len(label_names)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    history: list[dict] = []
-    start_epoch = 0
     ckpt_path = ckpt_dir / "last.pt"
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["arch"] == arch and state["train"] == _train_signature(params, base, dataset, splits):
-            model.load_state_dict(state["model"])
-            optimiser.load_state_dict(state["optimiser"])
-            start_epoch, history = state["epoch"], state["history"]
-            print(f"resuming classifier training after epoch {start_epoch} from {ckpt_path}")
-        else:
-            print(f"ignoring {ckpt_path}: it was made with other settings; training from scratch")
-
+    signature = _train_signature(params, base, dataset, splits)
+    start_epoch, history = _resume(ckpt_path, arch, signature, model, optimiser, device)
     train_set = dataset.torch_dataset(splits["train"])
     val_loader = torch.utils.data.DataLoader(dataset.torch_dataset(splits["val"]), batch_size=256)
     for epoch in range(start_epoch, params.epochs):
-        # One generator per epoch, seeded from (seed, epoch): a resumed run sees the same order.
-        g = torch.Generator().manual_seed(base.seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
-        mix_rng = np.random.default_rng([base.seed, epoch, 1]) if params.mixup_alpha > 0 else None
-        model.train()
-        total, count = 0.0, 0
-        bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=1.0)
-        for x, y in bar:
-            if mix_rng is not None:
-                x, y = mixup(x, y, params.mixup_alpha, mix_rng)
-            x, y = x.to(device), y.to(device)
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(x)
-            count += len(x)
-            bar.set_postfix(loss=f"{total / count:.4f}")
+        train_loss = _train_epoch(model, optimiser, train_set, params, base.seed, epoch, device)
         model.eval()
         logits, labels = predict(model, val_loader, device)
         val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels)))
         val = classification_metrics(1 / (1 + np.exp(-logits[:, 0])), labels[:, 0], base.num_bins)
-        row = {"epoch": epoch + 1, "train_loss": total / count, "val_loss": val_loss,
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                **{f"val_{k}": v for k, v in val.items() if k != "confusion_matrix"}}
         history.append(row)
         print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
               f"val AUC {val['roc_auc']}, val accuracy {val['accuracy']:.4f}")
         tracker.metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        save_torch(ckpt_path, {"arch": arch, "train": _train_signature(params, base, dataset, splits),
-                               "epoch": epoch + 1,
+        save_torch(ckpt_path, {"arch": arch, "train": signature, "epoch": epoch + 1,
                                "model": model.state_dict(), "optimiser": optimiser.state_dict(),
                                "history": history})
 
@@ -191,6 +163,46 @@ def train_classifier(dataset: ImageDataset, splits: dict[str, np.ndarray], base:
     write_json(out_dir / "classifier.json", {"kind": "densenet", **arch})
     f = load_classifier(out_dir, base)
     return report_classifier(f, dataset, splits, base, params, out_dir, tracker, history)
+
+
+def _resume(path: Path, arch: dict, signature: dict, model: nn.Module, optimiser, device) -> tuple[int, list[dict]]:
+    """The epoch to start from and the history so far: from the last checkpoint when it was made
+    with the same settings, else from scratch."""
+    if not path.is_file():
+        return 0, []
+    state = read_torch_file(path, "classifier checkpoint", ("arch", "train", "model", "optimiser", "epoch", "history"),
+                            device)
+    if state["arch"] != arch or state["train"] != signature:
+        print(f"ignoring {path}: it was made with other settings; training from scratch")
+        return 0, []
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    print(f"resuming classifier training after epoch {state['epoch']} from {path}")
+    return state["epoch"], state["history"]
+
+
+def _train_epoch(model: nn.Module, optimiser, train_set, params: ClassifierParams, seed: int, epoch: int,
+                 device) -> float:
+    """One epoch over the training split; its mean loss."""
+    # One generator per epoch, seeded from (seed, epoch): a resumed run sees the same order.
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
+    mix_rng = np.random.default_rng([seed, epoch, 1]) if params.mixup_alpha > 0 else None
+    model.train()
+    total, count = 0.0, 0
+    bar = progress_bar(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False)
+    for x, y in bar:
+        if mix_rng is not None:
+            x, y = mixup(x, y, params.mixup_alpha, mix_rng)
+        x, y = x.to(device), y.to(device)
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total += loss.item() * len(x)
+        count += len(x)
+        bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+    return total / count
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
@@ -208,8 +220,6 @@ def _train_signature(params: ClassifierParams, base: Base, dataset: ImageDataset
     d = asdict(params)
     d.pop("epochs")
     d.pop("grid_images")
-    if not d["mixup_alpha"]:
-        d.pop("mixup_alpha")  # off: checkpoints from before the option existed still resume
     ids = hashlib.sha256("\n".join(dataset.ids[i] for i in splits["train"]).encode()).hexdigest()[:16]
     return {**d, "seed": base.seed, "train_ids": ids, "labels": list(dataset.label_names)}
 
@@ -306,6 +316,9 @@ def load_torchscript(path: Path, spec: ExternalClassifier, base: Base) -> BlackB
     return f
 
 
+_ARCH_KEYS = ("growth_rate", "block_config", "num_init_features", "bn_size", "stem", "channels", "label_names")
+
+
 def load_classifier(out_dir: str | Path, base: Base) -> BlackBox:
     """f as recorded by the train_classifier stage (trained or external)."""
     out_dir = Path(out_dir)
@@ -316,12 +329,19 @@ def load_classifier(out_dir: str | Path, base: Base) -> BlackBox:
     if meta["kind"] == "torchscript":
         spec = ExternalClassifier(**{**meta["external"], "path": str(out_dir / "model.pt")})
         return load_torchscript(out_dir / "model.pt", spec, base)
-    state = torch.load(out_dir / "model.pt", map_location="cpu", weights_only=True)
+    state = read_torch_file(out_dir / "model.pt", "classifier", ("arch", "state_dict"))
     arch = state["arch"]
+    missing = [k for k in _ARCH_KEYS if k not in arch]
+    if missing:
+        raise ArtifactError(f"classifier {out_dir / 'model.pt'}: its 'arch' record lacks {', '.join(missing)}")
     params = ClassifierParams(growth_rate=arch["growth_rate"], block_config=arch["block_config"],
                               num_init_features=arch["num_init_features"], bn_size=arch["bn_size"],
                               stem=arch["stem"])
     net = build_densenet(params, arch["channels"], len(arch["label_names"]))
-    net.load_state_dict(state["state_dict"])
+    try:
+        net.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise ArtifactError(f"classifier {out_dir / 'model.pt'}: its weights do not fit its 'arch' record: "
+                            f"{exc}") from exc
     return BlackBox(net, arch["label_names"], base.image_size, base.channels, output="logit",
                     output_index=0, source=str(out_dir / "model.pt"))

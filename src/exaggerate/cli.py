@@ -103,17 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .classifier import ClassifierError
-    from .config import ConfigError
-    from .datasets import DatasetError
-    from .evaluate import EvaluationError
-    from .explainer import CheckpointError, TrainingDiverged
-    from .posteriors import PosteriorError
+    from .errors import ExaggerateError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, ClassifierError, PosteriorError, CheckpointError, TrainingDiverged,
-            EvaluationError, FileNotFoundError) as exc:
+    except (ExaggerateError, FileNotFoundError) as exc:
         print(f"exaggerate: error: {exc}", file=sys.stderr)
         return 2
 

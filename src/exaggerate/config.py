@@ -15,8 +15,11 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import ExaggerateError
 
-class ConfigError(ValueError):
+
+
+class ConfigError(ExaggerateError, ValueError):
     """A parameter file or value that cannot be used; the message names the key."""
 
 
@@ -104,7 +107,7 @@ class Classifier:
     # Mixup (Zhang et al. 2018): each training image is blended with another of its batch,
     # x = m x_i + (1 - m) x_j and y = m y_i + (1 - m) y_j, m ~ Beta(alpha, alpha) per image.
     # Trains f to give graded posteriors between the classes instead of a step. 0 = off.
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = 0.4
     grid_images: int = 16
 
     def validate(self, key: str) -> None:
@@ -138,64 +141,44 @@ class Bin:
 class Explainer:
     # Generator: input conv to widths[0], one down-sampling residual block per further width;
     # the decoder mirrors it. Paper at 128x128: [64, 128, 256, 512, 1024, 1024].
-    generator_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    generator_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     # Discriminator: down-sampling SN residual blocks, then one more block at the last width.
     # Paper: [64, 128, 256, 512, 1024, 1024].
     discriminator_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
-    lambda_gan: float = 1.0
-    lambda_cyc: float = 100.0
-    lambda_cls: float = 1.0
+    lambda_gan: float = 5.0
+    lambda_cyc: float = 79.0
+    lambda_cls: float = 53.24681953553553
     # Reconstruction: lambda_rec * L1(x, G(x, c_x)), G asked for the query's own bin (0 = off, as
     # in the paper, whose losses leave G(x, c_x) = x to the cycle term alone). One more decoder
     # pass per G step; lets a weaker cycle term (larger changes) keep the reconstruction close.
-    lambda_rec: float = 0.0
-    # Classifier-consistency target t(c'): bin "centre" (c'+0.5)/N, or "lower" edge c'/N (original code).
-    target: str = field(default="centre", metadata=_choices("centre", "lower"))
-    # Weight of each image's classifier-consistency BCE by its target bin: "uniform" (the paper)
-    # or "variance": t(1-t) / mean over bins of t(1-t). Near the target, BCE costs a posterior
-    # error e about e^2 / (2 t (1-t)), 5x more at the end bins than in the middle ones;
-    # "variance" makes that cost the same in every bin, as the compatibility MAE counts it.
-    cls_weighting: str = field(default="uniform", metadata=_choices("uniform", "variance"))
+    lambda_rec: float = 10.0
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
     # G is updated every n_critic-th iteration, D every iteration (paper: 5).
-    n_critic: int = 5
+    n_critic: int = 1
     batch_size: int = 32
-    steps: int = 100000
-    checkpoint_every: int = 500
+    steps: int = 2000
+    checkpoint_every: int = 250
     log_every: int = 50
-    image_every: int = 1000
+    image_every: int = 500
     grid_queries: int = 6
-    # bf16 autocast in training, on CUDA or CPU. It pays on CPUs with native bf16 (AVX512-BF16,
-    # AMX); elsewhere check with scripts/gpu_check.py --device cpu --cpu-bf16 first.
+    # bf16 autocast in training (the paper's GPU setting). On CPUs it pays only with native bf16
+    # (AVX512-BF16, AMX): check with scripts/gpu_check.py --device cpu --cpu-bf16 first.
     amp: bool = False
     # Channels-last (NHWC) memory layout for G, D and f in training (oneDNN's faster CPU layout;
     # explain.channels_last is the same for generating series).
     channels_last: bool = False
-    # Exponential moving average of G's weights, updated after every G step (0 = off, as in the
-    # paper). The averaged generator is the one saved, scored and shown; it smooths out the
-    # oscillation of short GAN runs. Warm-up: decay min(ema_decay, (1 + t) / (10 + t)).
-    ema_decay: float = 0.0
-    # Share of the final training steps over which both learning rates fall linearly to zero
-    # (0 = constant, as in the paper). Makes where a short run ends less a matter of chance.
-    lr_decay: float = 0.0
     # The explainer's own seed (weights, sampling of pairs and target bins); null: base.seed.
     # Another value retrains only the explainer, to measure how much a short GAN run owes to luck.
     seed: Optional[int] = None
-    # How training pairs are drawn. "uniform": every binned image equally often (the middle bins
-    # then hold a few percent of the real images D sees); "balanced": a bin uniformly, then an
-    # image in it; "sqrt": in between, each image weighted by 1/sqrt(its bin's size).
-    sampling: str = field(default="uniform", metadata=_choices("uniform", "sqrt", "balanced"))
     # Differentiable augmentation of every image D sees, real and generated alike (Zhao et al.
     # 2020, "DiffAugment"): "translation" shifts each image by up to 1/8 of its size (border
-    # pixels repeated), "translation_cutout" also blanks a random square of half its size. Keeps
-    # D from memorising the few real images of the middle bins. "none": the paper's D.
-    augment: str = field(default="none", metadata=_choices("none", "translation", "translation_cutout"))
+    # pixels repeated), so that D cannot memorise the few real images of the middle bins.
+    # "none": the paper's D.
+    augment: str = field(default="translation", metadata=_choices("none", "translation"))
 
     def validate(self, key: str) -> None:
-        _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")
-        _check(0 <= self.lr_decay <= 1, f"{key}.lr_decay", self.lr_decay, "a share of the steps in [0, 1]")
         for name in ("generator_widths", "discriminator_widths"):
             widths = getattr(self, name)
             _check(len(widths) >= 2 and all(w >= 1 for w in widths), f"{key}.{name}", widths,
@@ -216,14 +199,14 @@ class Explain:
     # Generate series with G and f in channels-last (NHWC) layout: the explain stage, the
     # evaluate stage (both methods, so the timing stays fair) and `exaggerate explain`.
     # Same values up to float rounding, faster on CPU.
-    channels_last: bool = False
+    channels_last: bool = True
     # Calibrated series: 0 = the paper's series, G(x, c) for c = 0..N-1 (one generator pass).
     # probes >= 2: a first pass generates G(x, t) at `probes` evenly spaced conditions t in
     # [0, N-1] (between bins, gamma and beta are interpolated) and f scores them; the series is
     # then generated at the conditions where the interpolated posterior crosses each bin centre.
     # A second generator pass and `probes` more images through G and f per query. Used by
     # explain, evaluate (for the explainer and its timing), tuning and `exaggerate explain`.
-    probes: int = 0
+    probes: int = 4
 
     def validate(self, key: str) -> None:
         _check(self.num_queries >= 1, f"{key}.num_queries", self.num_queries, "an integer >= 1")
@@ -264,8 +247,8 @@ class Evaluate:
     inception_weights: str = ""
     batch_size: int = 100
     # Queries per call while each method generates its timed series (the same for both). Per
-    # series, both ran fastest near 10 on a 2-core CPU (README, "Measured").
-    series_batch: int = 100
+    # series, both ran fastest near 10 on a 2-core CPU (docs/MEASUREMENTS.md).
+    series_batch: int = 10
     # Timed runs of each of the explainer's batches (mean); the baseline's run once. The two
     # methods take turns batch by batch.
     timing_repeats: int = 3
@@ -281,32 +264,29 @@ class Evaluate:
 @dataclass(frozen=True)
 class Tune:
     """Optuna studies of the explainer's loss weights (exaggerate tune, tune/dvc.yaml)."""
-    study_name: str = "explainer-weights"
+    study_name: str = "explainer-weights-val256"
     # sqlite:///optuna.db (default), postgresql://user:pw@host/db, or journal:FILE
     storage: str = "sqlite:///optuna.db"
     mode: str = field(default="scalar", metadata=_choices("scalar", "multi"))
     n_trials: int = 12
     workers: int = 1
-    trial_steps: int = 300
-    eval_every: int = 100
-    val_queries: int = 64
-    # Scalar objective: compatibility MAE + fid_weight * fid_oracle
-    # + agreement_weight * (1 - oracle agreement); 0 leaves agreement out.
+    trial_steps: int = 1200
+    eval_every: int = 300
+    val_queries: int = 256
+    # Scalar objective: compatibility MAE + fid_weight * fid_oracle.
     fid_weight: float = 0.002
-    agreement_weight: float = 0.0
-    startup_trials: int = 4
-    # No trial is pruned before this many training steps: early GAN scores oscillate (the
-    # default weights scored 0.160, 0.126, 0.163, 0.123 at 300..1200 steps), so pruning at the
-    # first report mostly measures noise.
-    prune_after: int = 0
+    startup_trials: int = 3
+    # No trial is pruned before this many training steps: early GAN scores oscillate, so pruning
+    # at the first report mostly measures noise (docs/MEASUREMENTS.md).
+    prune_after: int = 600
     seed: int = 0
     # RDB storages: a worker's heartbeat period; a trial silent for twice this is failed and retried.
     heartbeat_s: int = 30
-    lambda_gan: list[float] = field(default_factory=lambda: [0.1, 10.0])
-    lambda_cyc: list[float] = field(default_factory=lambda: [10.0, 300.0])
-    lambda_cls: list[float] = field(default_factory=lambda: [1.0, 100.0])
+    lambda_gan: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    lambda_cyc: list[float] = field(default_factory=lambda: [30.0, 300.0])
+    lambda_cls: list[float] = field(default_factory=lambda: [10.0, 100.0])
     tune_lr: bool = False
-    lr: list[float] = field(default_factory=lambda: [5e-5, 1e-3])
+    lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
     tune_n_critic: bool = False
     n_critic: list[int] = field(default_factory=lambda: [1, 5])
 
@@ -319,8 +299,7 @@ class Tune:
         for name in ("n_trials", "workers", "trial_steps", "eval_every", "val_queries"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
         _check(self.heartbeat_s >= 0, f"{key}.heartbeat_s", self.heartbeat_s, "an integer >= 0")
-        for name in ("fid_weight", "agreement_weight"):
-            _check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "a number >= 0")
+        _check(self.fid_weight >= 0, f"{key}.fid_weight", self.fid_weight, "a number >= 0")
         _check(0 <= self.prune_after < self.trial_steps, f"{key}.prune_after", self.prune_after,
                f"an integer >= 0 and below tune.trial_steps ({self.trial_steps})")
         _check(self.storage.startswith(("sqlite:", "postgresql", "mysql", "journal:")), f"{key}.storage",
@@ -342,6 +321,13 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self, key: str) -> None:
+        # G halves the image once per width after the first and must come back to the same size.
+        halvings = len(self.explainer.generator_widths) - 1
+        _check(self.base.image_size % 2 ** halvings == 0, "base.image_size", self.base.image_size,
+               f"a multiple of {2 ** halvings}: explainer.generator_widths has {halvings + 1} widths, so the "
+               f"generator halves the image {halvings} times and must double it back to the same size")
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -411,7 +397,21 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
 
 
 def config_from_dict(raw: dict | None) -> Config:
+    """A Config from a mapping; keys it leaves out take the defaults (params.yaml's values)."""
     return _build(Config, raw or {}, "")
+
+
+def missing_keys(cls: type, raw: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of `cls` that `raw` leaves out (an explicit null counts as given)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in raw:
+            out.append(key)
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(raw[f.name], dict):
+            out += missing_keys(hints[f.name], raw[f.name], key)
+    return out
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
@@ -425,9 +425,15 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return config_from_dict(raw)
+        cfg = config_from_dict(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    # A parameter file is complete: a key left out would silently take a default.
+    missing = [k for k in missing_keys(Config, raw or {}) if not k.startswith("classifier.external.")]
+    if missing:
+        raise ConfigError(f"{path}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                          else "") + "; a parameter file lists every key: see params.yaml or `exaggerate params`")
+    return cfg
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

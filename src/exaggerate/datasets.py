@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from .config import Base
+from .errors import ExaggerateError
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -36,7 +37,7 @@ PARTITION_NAMES = {0: "train", 1: "val", 2: "test"}
 MIN_IMAGE_SIDE = 8
 
 
-class DatasetError(ValueError):
+class DatasetError(ExaggerateError, ValueError):
     """Missing, malformed or unreadable data; the message names the file or name."""
 
 
@@ -168,6 +169,11 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the pixels are held in memory (fashion_mnist) rather than read from files."""
+        return self._pixels is not None
 
     def index_of(self, ids: Sequence[str]) -> np.ndarray:
         lookup = {i: k for k, i in enumerate(self.ids)}

@@ -1,4 +1,4 @@
-"""Metrics of explanation series (EVALUATION.md), each a plain function of arrays/tensors.
+"""Metrics of explanation series (docs/EVALUATION.md), each a plain function of arrays/tensors.
 
 Conventions: images are (..., C, H, W) in [-1, 1]; a series is (Q, N, C, H, W) with image k
 aimed at posterior bin k; p_series is f on it, shape (Q, N).
@@ -26,19 +26,10 @@ def compatibility(p_series: np.ndarray) -> dict:
     return {"compatibility_mae": float(np.abs(p_series - centres).mean()), "compatibility_corr": corr}
 
 
-def scalar_objective(mae: float, fid: Optional[float], fid_weight: float, agreement: Optional[float] = None,
-                     agreement_weight: float = 0.0) -> Optional[float]:
+def scalar_objective(mae: float, fid: Optional[float], fid_weight: float) -> Optional[float]:
     """The tuning studies' scalarised objective, lower is better: compatibility MAE
-    + fid_weight * fid_oracle + agreement_weight * (1 - oracle agreement). The agreement term
-    is left out when its weight is 0; with a weight, a missing agreement gives no score."""
-    if fid is None:
-        return None
-    value = mae + fid_weight * fid
-    if agreement_weight > 0:
-        if agreement is None:
-            return None
-        value += agreement_weight * (1.0 - agreement)
-    return value
+    + fid_weight * fid_oracle (None without an FID)."""
+    return None if fid is None else mae + fid_weight * fid
 
 
 def compatibility_curves(p_series: np.ndarray, p_query: np.ndarray, groups: int = 5) -> dict[str, list]:
@@ -202,36 +193,3 @@ def correlation_difference(oracle_data: np.ndarray, oracle_x: np.ndarray, oracle
             continue
         diffs.append(abs(np.corrcoef(a, b)[0, 1] - np.corrcoef(da, db)[0, 1]))
     return float(np.mean(diffs)) if diffs else None
-
-
-# ----------------------------------------------------------------------------- the baseline
-
-def pixel_search(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num_bins: int, steps: int,
-                 lr: float, lam: float, tolerance: float) -> torch.Tensor:
-    """Gradient-based counterfactual search in pixel space (Wachter et al. 2017): for each
-    query and target bin, minimise (f(x') - t)^2 + lam * mean|x' - x| with Adam, x' clipped
-    to [-1, 1]; an image is kept once |f(x') - t| < tolerance. Returns (B, N, C, H, W)."""
-    b = x.shape[0]
-    x0 = x.repeat_interleave(num_bins, 0).detach()
-    t = torch.from_numpy(bin_centre(np.arange(num_bins), num_bins)).float().to(x.device).repeat(b)
-    delta = torch.zeros_like(x0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    result = x0.clone()
-    done = torch.zeros(len(x0), dtype=torch.bool, device=x.device)
-    for _ in range(steps):
-        xp = (x0 + delta).clamp(-1, 1)
-        p = f(xp)
-        hit = ((p - t).abs() < tolerance) & ~done
-        result[hit] = xp[hit].detach()
-        done |= hit
-        if bool(done.all()):
-            break
-        loss = (((p - t) ** 2 + lam * (xp - x0).abs().flatten(1).mean(1)) * (~done).float()).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        last = (x0 + delta).clamp(-1, 1)
-        result[~done] = last[~done]
-    return result.reshape(b, num_bins, *x.shape[1:])
-

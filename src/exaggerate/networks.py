@@ -1,4 +1,4 @@
-"""Generator and discriminator of the explainer (METHOD.md, "Networks").
+"""Generator and discriminator of the explainer (docs/METHOD.md, "Networks").
 
 G(x, c): residual encoder-decoder without skip connections; every residual block uses
 conditional batch norm (one gamma/beta pair per posterior bin c). The encoder output is

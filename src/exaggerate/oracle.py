@@ -14,13 +14,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .config import Base, Oracle as OracleParams
 from .datasets import DatasetError, ImageDataset, open_dataset
-from .io import save_torch, write_json
+from .io import ArtifactError, read_torch_file, save_torch, write_json
 from .tracking import Tracker
-from .utils import resolve_device, seed_everything
+from .utils import progress, resolve_device, seed_everything
 
 ORACLE_SEED_OFFSET = 7919  # a different seed from f's
 
@@ -116,7 +115,7 @@ def train_oracle(base: Base, params: OracleParams, out_dir: str | Path, tracker:
         g = torch.Generator().manual_seed(seed + epoch)
         loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
         net.train()
-        bar = tqdm(loader, desc=f"oracle epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=1.0)
+        bar = progress(loader, desc=f"oracle epoch {epoch + 1}/{params.epochs}", leave=False)
         for (idx,) in bar:
             x = ds.images(idx.numpy()).to(device)
             y = y_all[idx].to(device)
@@ -126,7 +125,7 @@ def train_oracle(base: Base, params: OracleParams, out_dir: str | Path, tracker:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     net.eval()
     oracle = Oracle(net, names, kind)
     correct, total = 0.0, 0
@@ -155,11 +154,15 @@ def load_oracle(path: str | Path, base: Base) -> Oracle:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"oracle {path} not found: run the train_oracle stage first (dvc repro)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path, "oracle", ("widths", "feature_dim", "channels", "image_size", "names", "kind",
+                                             "state_dict"))
     if state["image_size"] != base.image_size or state["channels"] != base.channels:
         raise DatasetError(f"oracle {path} was trained on {state['channels']}x{state['image_size']}px images, "
                            f"params say {base.channels}x{base.image_size}")
     net = OracleNet(state["channels"], state["widths"], state["feature_dim"], len(state["names"]))
-    net.load_state_dict(state["state_dict"])
+    try:
+        net.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise ArtifactError(f"oracle {path}: its weights do not fit its recorded widths: {exc}") from exc
     return Oracle(net, state["names"], state["kind"])
 

@@ -1,24 +1,24 @@
-"""Posteriors of f on every image, posterior bins, and calibrated sampling (METHOD.md, step 3)."""
+"""Posteriors of f on every image, posterior bins, and calibrated sampling (docs/METHOD.md, "Pipeline", step 3)."""
 from __future__ import annotations
 
-import csv
-import io as _io
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import plots
 from .classifier import BlackBox, predict
 from .config import Base, Bin
 from .datasets import ImageDataset
+from .errors import ExaggerateError
 from .io import save_figure, write_json, write_text
 from .tracking import Tracker
 from .utils import resolve_device
 
 
-class PosteriorError(ValueError):
+class PosteriorError(ExaggerateError, ValueError):
     pass
 
 
@@ -43,59 +43,70 @@ def check_posteriors(p: np.ndarray, source: str) -> None:
 
 
 def compute_posteriors(f: BlackBox, dataset: ImageDataset, splits: dict[str, np.ndarray], base: Base,
-                       batch_size: int) -> list[dict]:
+                       batch_size: int) -> pd.DataFrame:
+    """One row per image of every split: id, split, labels, f's posterior p and its bin."""
     device = resolve_device(base.device)
     f = f.to(device)
-    rows = []
+    parts = []
     for split, idx in splits.items():
         loader = torch.utils.data.DataLoader(dataset.torch_dataset(idx), batch_size=batch_size)
         p, y = predict(f, loader, device, progress=f"posteriors on {split}")
         check_posteriors(p, f.source)
-        bins = bin_index(p, base.num_bins)
-        for i, pi, yi, bi in zip(idx, p, y, bins):
-            row = {"id": dataset.ids[i], "split": split}
-            row.update({f"label_{n}": int(v) for n, v in zip(dataset.label_names, yi)})
-            row.update({"p": float(pi), "bin": int(bi)})
-            rows.append(row)
-    return rows
+        part = pd.DataFrame({"id": [dataset.ids[i] for i in idx], "split": split})
+        for name, column in zip(dataset.label_names, np.asarray(y).T):
+            part[f"label_{name}"] = column.astype(np.int64)
+        part["p"] = np.asarray(p, dtype=np.float64)
+        part["bin"] = bin_index(p, base.num_bins)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
 
 
-def write_table(path: str | Path, rows: list[dict]) -> None:
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["id"], lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.8f}" if isinstance(v, float) else v) for k, v in r.items()})
-    write_text(path, buf.getvalue())
+def write_table(path: str | Path, table: pd.DataFrame) -> None:
+    write_text(path, table.to_csv(index=False, float_format="%.8f", lineterminator="\n"))
 
 
-def read_table(path: str | Path) -> list[dict]:
+POSTERIOR_COLUMNS = ("id", "split", "p", "bin")  # posteriors.csv; label_<name> columns follow
+INPUT_COLUMNS = ("id", "p", "bin", "label")        # explainer_inputs.csv
+
+
+def read_table(path: str | Path, columns: tuple[str, ...] = POSTERIOR_COLUMNS) -> pd.DataFrame:
+    """A table the posteriors or bin stage wrote; refuses one that lacks `columns` or whose p
+    and bin are not numbers, naming the file, the column or the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        r["p"] = float(r["p"])
-        r["bin"] = int(r["bin"])
-        for k in r:
-            if k.startswith("label_"):
-                r[k] = int(r[k])
-    return rows
+    # round_trip: the same doubles Python's float() gives, so a table read back writes the same bytes.
+    table = pd.read_csv(path, dtype={"id": str, "split": str}, float_precision="round_trip", keep_default_na=False)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise PosteriorError(f"{path} lacks the column(s) {', '.join(missing)} (has: "
+                             f"{', '.join(table.columns) or 'none'}); rerun the stage that writes it")
+    for name, kind, parse in (("p", "fi", float), ("bin", "i", int)):
+        if len(table) and table[name].dtype.kind not in kind:  # some value did not parse as a number
+            line, value = next((k, v) for k, v in enumerate(table[name], start=2) if not _parses(parse, v))
+            raise PosteriorError(f"{path}, line {line}: {name}={value!r} is not "
+                                 f"{'a number' if name == 'p' else 'a bin index'}")
+    return table
+
+
+def _parses(parse, value) -> bool:
+    try:
+        parse(value)
+        return True
+    except ValueError:
+        return False
 
 
 def posterior_stage(f: BlackBox, dataset: ImageDataset, splits, base: Base, batch_size: int,
                     out_dir: str | Path, tracker: Tracker = Tracker()) -> dict:
     out_dir = Path(out_dir)
-    rows = compute_posteriors(f, dataset, splits, base, batch_size)
-    write_table(out_dir / "posteriors.csv", rows)
+    table = compute_posteriors(f, dataset, splits, base, batch_size)
+    write_table(out_dir / "posteriors.csv", table)
     target = f"label_{dataset.label_names[0]}"
     summary = {}
     for split in splits:
-        sel = [r for r in rows if r["split"] == split]
-        p = np.array([r["p"] for r in sel])
-        y = np.array([r[target] for r in sel])
-        rel = plots.reliability(p, y, base.num_bins)
+        sel = table[table["split"] == split]
+        rel = plots.reliability(sel["p"].to_numpy(), sel[target].to_numpy(), base.num_bins)
         summary[split] = {"images": len(sel), "bin_counts": rel["count"], "ece": rel["ece"], "brier": rel["brier"]}
     write_json(out_dir / "summary.json", summary)
     tracker.metrics({f"{s}_ece": v["ece"] for s, v in summary.items()})
@@ -138,19 +149,20 @@ def calibrated_sample(p: np.ndarray, y: np.ndarray, num_bins: int, per_bin: int,
     return np.sort(np.concatenate(chosen)).astype(np.int64), report
 
 
-def bin_stage(rows: list[dict], label_name: str, base: Base, params: Bin, out_dir: str | Path,
+def bin_stage(table: pd.DataFrame, label_name: str, base: Base, params: Bin, out_dir: str | Path,
               tracker: Tracker = Tracker()) -> dict:
     """Explainer inputs: the calibrated sample of one split, with plots before and after."""
     out_dir = Path(out_dir)
-    sel = [r for r in rows if r["split"] == params.split]
-    if not sel:
+    sel = table[table["split"] == params.split]
+    if not len(sel):
         raise PosteriorError(f"the posterior table has no images of split {params.split!r} (bin.split)")
-    p = np.array([r["p"] for r in sel])
-    y = np.array([r[f"label_{label_name}"] for r in sel])
+    p = sel["p"].to_numpy()
+    y = sel[f"label_{label_name}"].to_numpy()
     rng = np.random.default_rng(base.seed)
     chosen, report = calibrated_sample(p, y, base.num_bins, params.per_bin, rng)
-    table = [{"id": sel[i]["id"], "p": sel[i]["p"], "bin": sel[i]["bin"], "label": int(y[i])} for i in chosen]
-    write_table(out_dir / "explainer_inputs.csv", table)
+    write_table(out_dir / "explainer_inputs.csv", pd.DataFrame({
+        "id": sel["id"].to_numpy()[chosen], "p": p[chosen], "bin": sel["bin"].to_numpy()[chosen],
+        "label": y[chosen].astype(np.int64)}))
 
     before = plots.reliability(p, y, base.num_bins)
     after = plots.reliability(p[chosen], y[chosen], base.num_bins)
@@ -181,9 +193,8 @@ def bin_stage(rows: list[dict], label_name: str, base: Base, params: Bin, out_di
 
 def read_explainer_inputs(path: str | Path, dataset: ImageDataset, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Dataset indices and source bins of the explainer's training pairs."""
-    rows = read_table(path)
-    bins = np.array([r["bin"] for r in rows], dtype=np.int64)
+    table = read_table(path, INPUT_COLUMNS)
+    bins = table["bin"].to_numpy(np.int64)
     if len(bins) and bins.max() >= num_bins:
         raise PosteriorError(f"{path} has bin {bins.max()} but base.num_bins is {num_bins}; rerun the bin stage")
-    return dataset.index_of([r["id"] for r in rows]), bins
-
+    return dataset.index_of(table["id"].tolist()), bins

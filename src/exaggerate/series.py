@@ -1,4 +1,5 @@
-"""Counterfactual series: the explain stage and `exaggerate explain` for users' files."""
+"""The explain stage (series of the split's queries, their files and figures) and
+`exaggerate explain` for users' own image files."""
 from __future__ import annotations
 
 import re
@@ -7,30 +8,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import plots
 from .classifier import BlackBox
-from .config import Config
-from .explainer import explain_series
+from .config import Base, Explain
+from .datasets import ImageDataset
+from .inference import explain_batch
 from .io import save_figure, save_npz, write_json
 from .networks import Generator
 from .metrics import compatibility, monotonic_share
-from .posteriors import bin_index
 from .tracking import Tracker
-from .utils import channels_last, resolve_device
-
-@torch.no_grad()
-def explain_batch(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, probes: int = 0) -> dict[str, torch.Tensor]:
-    """Series (calibrated when probes > 0, explain.probes), the conditions it was generated at,
-    reconstruction G(x, c_x) and f of everything, for a batch of queries."""
-    p_query = f(x)
-    source = torch.from_numpy(bin_index(p_query.cpu().numpy(), num_bins)).to(x.device)
-    s, conditions = explain_series(g, f, x, num_bins, probes)
-    p_series = f(s.flatten(0, 1)).reshape(s.shape[:2])
-    recon = g(x, source)
-    return {"series": s, "conditions": conditions, "p_series": p_series, "recon": recon, "p_recon": f(recon),
-            "p_query": p_query, "source_bin": source}
+from .utils import channels_last, progress, resolve_device
 
 
 def series_metrics(p_series: np.ndarray, queries: np.ndarray, recon: np.ndarray) -> dict:
@@ -50,69 +38,49 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "image"
 
 
-def explain_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> dict:
-    from .classifier import load_classifier
-    from .datasets import open_dataset
-    from .explainer import load_generator
-    from .splits import read_splits
+def choose_queries(pool: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A seeded sample of `count` images of the split, in dataset order."""
+    rng = np.random.default_rng(seed)
+    return pool[np.sort(rng.choice(len(pool), size=min(count, len(pool)), replace=False))]
 
-    base, params = cfg.base, cfg.explain
-    out_dir = Path(paths["explain"])
-    device = resolve_device(base.device)
-    dataset = open_dataset(base)
-    splits = read_splits(Path(paths["prepare"]) / "splits.json", dataset)
-    f = load_classifier(paths["train_classifier"], base).to(device)
-    g = load_generator(Path(paths["train_explainer"]) / "generator.pt", base, cfg.explainer).to(device)
-    channels_last(g, f, enabled=cfg.explain.channels_last)
 
-    pool = splits[params.split]
-    rng = np.random.default_rng(base.seed)
-    chosen = np.sort(rng.choice(len(pool), size=min(params.num_queries, len(pool)), replace=False))
-    query_idx = pool[chosen]
+def explain_queries(dataset: ImageDataset, query_idx: np.ndarray, f: BlackBox, g: Generator, num_bins: int,
+                    probes: int, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """explain_batch over the queries, in batches; arrays on the CPU."""
     parts: dict[str, list] = {}
-    for start in tqdm(range(0, len(query_idx), params.batch_size), desc="explain", mininterval=1.0):
-        x = dataset.images(query_idx[start:start + params.batch_size]).to(device)
-        out = explain_batch(g, f, x, base.num_bins, params.probes)
+    for start in progress(range(0, len(query_idx), batch_size), desc="explain"):
+        x = dataset.images(query_idx[start:start + batch_size]).to(device)
+        out = explain_batch(g, f, x, num_bins, probes)
         out["query"] = x
         for k, v in out.items():
             parts.setdefault(k, []).append(v.cpu())
-    arrays = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+
+
+def explain_stage(dataset: ImageDataset, pool: np.ndarray, f: BlackBox, g: Generator, base: Base, params: Explain,
+                  out_dir: Path, tracker: Tracker = Tracker()) -> dict:
+    """The explain stage: series of explain.num_queries images of the split `pool`, written as
+    series.npz and series.json, strips, a grid and metrics.json."""
+    device = next(g.parameters()).device
+    channels_last(g, f, enabled=params.channels_last)
+    query_idx = choose_queries(pool, params.num_queries, base.seed)
+    arrays = explain_queries(dataset, query_idx, f, g, base.num_bins, params.probes, params.batch_size, device)
     ids = [dataset.ids[i] for i in query_idx]
     labels = dataset.labels[query_idx, 0]
     metrics = series_metrics(arrays["p_series"], arrays["query"], arrays["recon"])
     metrics["split"] = params.split
-
     save_npz(out_dir / "series.npz", ids=np.array(ids), labels=labels, queries=arrays["query"],
              series=arrays["series"], recon=arrays["recon"], p_query=arrays["p_query"],
              p_series=arrays["p_series"], p_recon=arrays["p_recon"], source_bin=arrays["source_bin"],
              conditions=arrays["conditions"])
-    table = [{"id": i, "label": int(y), "p": float(pq), "source_bin": int(sb),
-              "p_series": [round(float(v), 6) for v in ps], "conditions": [round(float(v), 4) for v in cs],
-              "p_recon": float(pr), "reconstruction_l1": float(np.abs(r - q).mean())}
-             for i, y, pq, sb, ps, cs, pr, r, q in zip(ids, labels, arrays["p_query"], arrays["source_bin"],
-                                                       arrays["p_series"], arrays["conditions"], arrays["p_recon"],
-                                                       arrays["recon"], arrays["query"])]
     write_json(out_dir / "series.json", {"num_bins": base.num_bins, "image_size": base.image_size,
-                                         "target": base.target, "probes": params.probes, "queries": table})
+                                         "target": base.target, "probes": params.probes,
+                                         "queries": series_table(ids, labels, arrays)})
     write_json(out_dir / "metrics.json", metrics)
     tracker.metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
-
-    strips_dir = out_dir / "strips"
-    strips_dir.mkdir(parents=True, exist_ok=True)
-    for k in range(min(params.strips, len(ids))):
-        fig = strip_figure(torch.from_numpy(arrays["query"][k]), torch.from_numpy(arrays["series"][k]),
-                           arrays["p_series"][k], float(arrays["p_query"][k]),
-                           f"{ids[k]}: p({base.target}) along the series")
-        save_figure(strips_dir / f"{k:03d}_{_safe_name(ids[k])}.png", fig)
-        plots.close(fig)
-    # The overview: queries spread over the posterior range, as rows.
-    order = np.argsort(arrays["p_query"])
-    rows = order[np.linspace(0, len(order) - 1, min(8, len(order))).round().astype(int)]
-    grid = np.concatenate([arrays["query"][rows][:, None], arrays["series"][rows]], axis=1)
-    titles = [[f"query f={arrays['p_query'][r]:.2f}"] + [f"f={v:.2f}" for v in arrays["p_series"][r]] for r in rows]
-    fig = plots.image_grid(torch.from_numpy(grid), titles,
-                           col_labels=["query"] + [f"bin {k}" for k in range(base.num_bins)],
-                           suptitle=f"progressive exaggeration of p({base.target}) on {params.split} queries")
+    write_strips(out_dir / "strips", ids, arrays, params.strips, base.target)
+    fig = overview_figure(arrays, base.num_bins,
+                          f"progressive exaggeration of p({base.target}) on {params.split} queries")
     save_figure(out_dir / "series_grid.png", fig)
     tracker.figure(fig, "series_grid.png")
     plots.close(fig)
@@ -122,6 +90,46 @@ def explain_stage(cfg: Config, paths: dict, tracker: Tracker = Tracker()) -> dic
     return metrics
 
 
+def series_table(ids: list[str], labels: np.ndarray, arrays: dict[str, np.ndarray]) -> list[dict]:
+    """series.json's rows: per query, f along the series and the conditions it was made at."""
+    return [{"id": i, "label": int(y), "p": float(pq), "source_bin": int(sb),
+             "p_series": [round(float(v), 6) for v in ps], "conditions": [round(float(v), 4) for v in cs],
+             "p_recon": float(pr), "reconstruction_l1": float(np.abs(r - q).mean())}
+            for i, y, pq, sb, ps, cs, pr, r, q in zip(ids, labels, arrays["p_query"], arrays["source_bin"],
+                                                      arrays["p_series"], arrays["conditions"], arrays["p_recon"],
+                                                      arrays["recon"], arrays["query"])]
+
+
+def write_strips(folder: Path, ids: list[str], arrays: dict[str, np.ndarray], count: int, target: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(min(count, len(ids))):
+        fig = strip_figure(torch.from_numpy(arrays["query"][k]), torch.from_numpy(arrays["series"][k]),
+                           arrays["p_series"][k], float(arrays["p_query"][k]),
+                           f"{ids[k]}: p({target}) along the series")
+        save_figure(folder / f"{k:03d}_{_safe_name(ids[k])}.png", fig)
+        plots.close(fig)
+
+
+def overview_figure(arrays: dict[str, np.ndarray], num_bins: int, title: str):
+    """Up to 8 queries spread over the posterior range, as rows."""
+    order = np.argsort(arrays["p_query"])
+    rows = order[np.linspace(0, len(order) - 1, min(8, len(order))).round().astype(int)]
+    grid = np.concatenate([arrays["query"][rows][:, None], arrays["series"][rows]], axis=1)
+    titles = [[f"query f={arrays['p_query'][r]:.2f}"] + [f"f={v:.2f}" for v in arrays["p_series"][r]] for r in rows]
+    columns = ["query"] + [f"bin {k}" for k in range(num_bins)]
+    return plots.image_grid(torch.from_numpy(grid), titles, col_labels=columns, suptitle=title)
+
+
+def strip_names(images: Sequence[str]) -> list[str]:
+    """One strip file name per input, unique even when basenames repeat (a/boot.png, b/boot.png)."""
+    names, seen = [], {}
+    for name in images:
+        stem = _safe_name(Path(name).stem)
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}_series.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}_series.png")
+    return names
+
+
 def explain_files(images: Sequence[str], out: str, params_path: str = "params.yaml",
                   classifier_dir: str = "outputs/classifier", generator_path: str = "outputs/explainer/generator.pt",
                   convert: bool = False) -> list[dict]:
@@ -129,7 +137,7 @@ def explain_files(images: Sequence[str], out: str, params_path: str = "params.ya
     from .classifier import load_classifier
     from .config import load_config
     from .datasets import preprocess_for, read_image_file
-    from .explainer import load_generator
+    from .checkpoint import load_generator
 
     cfg = load_config(params_path)
     device = resolve_device(cfg.base.device)
@@ -147,15 +155,14 @@ def explain_files(images: Sequence[str], out: str, params_path: str = "params.ya
     channels_last(g, f, enabled=cfg.explain.channels_last)
     out_dir = Path(out)
     results = []
-    for name, x in zip(images, tensors):
+    for name, x, strip in zip(images, tensors, strip_names(images)):
         r = explain_batch(g, f, x[None].to(device), cfg.base.num_bins, cfg.explain.probes)
         p_series = r["p_series"][0].cpu().numpy()
-        stem = _safe_name(Path(name).stem)
         fig = strip_figure(x, r["series"][0].cpu(), p_series, float(r["p_query"][0]),
                            f"{Path(name).name}: p({cfg.base.target}) along the series")
-        save_figure(out_dir / f"{stem}_series.png", fig)
+        save_figure(out_dir / strip, fig)
         plots.close(fig)
-        results.append({"image": str(name), "strip": str(out_dir / f"{stem}_series.png"),
+        results.append({"image": str(name), "strip": str(out_dir / strip),
                         "p": float(r["p_query"][0]), "source_bin": int(r["source_bin"][0]),
                         "p_series": [float(v) for v in p_series],
                         "conditions": [round(float(v), 4) for v in r["conditions"][0]],

@@ -1,7 +1,6 @@
-"""DVC stage wrappers: read params.yaml once, open the data, call the library, log to MLflow.
-
-Each stage writes only under outputs/<stage>/ (dvc.yaml declares exactly these paths).
-"""
+"""The eight DVC stages, one thin entry point each: read params.yaml once, open the stage's
+inputs (the outputs of the stages before it), call the library, write outputs/<stage>/ only
+(dvc.yaml declares exactly these paths) and log the run to MLflow."""
 from __future__ import annotations
 
 import time
@@ -9,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, load_config
-from .utils import set_threads
+from .utils import resolve_device, set_threads
 
 OUT = Path("outputs")
 PATHS = {
@@ -24,34 +23,46 @@ PATHS = {
 }
 
 
-def _dataset_and_splits(cfg: Config):
+def _dataset_and_splits(cfg: Config, paths: dict):
     from .datasets import open_dataset
     from .splits import read_splits
 
     dataset = open_dataset(cfg.base)
-    return dataset, read_splits(PATHS["prepare"] / "splits.json", dataset)
+    return dataset, read_splits(Path(paths["prepare"]) / "splits.json", dataset)
 
 
-def prepare(cfg: Config) -> None:
+def _classifier(cfg: Config, paths: dict):
+    from .classifier import load_classifier
+
+    return load_classifier(paths["train_classifier"], cfg.base).to(resolve_device(cfg.base.device))
+
+
+def _generator(cfg: Config, paths: dict):
+    from .checkpoint import load_generator
+
+    return load_generator(Path(paths["train_explainer"]) / "generator.pt", cfg.base, cfg.explainer).to(
+        resolve_device(cfg.base.device))
+
+
+def prepare(cfg: Config, paths: dict = PATHS) -> None:
     from .datasets import open_dataset
     from .splits import write_splits
 
-    dataset = open_dataset(cfg.base)
-    counts = write_splits(dataset, cfg.base, cfg.prepare, PATHS["prepare"])
+    counts = write_splits(open_dataset(cfg.base), cfg.base, cfg.prepare, Path(paths["prepare"]))
     for split, c in counts.items():
         print(f"{split}: {c}")
 
 
-def train_classifier(cfg: Config) -> None:
+def train_classifier(cfg: Config, paths: dict = PATHS) -> None:
     from .classifier import install_external, report_classifier, train_classifier as train
     from .tracking import stage_run
 
-    dataset, splits = _dataset_and_splits(cfg)
-    out = PATHS["train_classifier"]
+    dataset, splits = _dataset_and_splits(cfg, paths)
+    out, external = Path(paths["train_classifier"]), cfg.classifier.external
     with stage_run("classifier", "train_classifier", cfg, ("base", "prepare", "classifier")) as tracker:
-        if cfg.classifier.external is not None and cfg.classifier.external.path:
-            print(f"classifier.external.path is set: using {cfg.classifier.external.path}, no training")
-            f = install_external(cfg.classifier.external, cfg.base, out)
+        if external is not None and external.path:
+            print(f"classifier.external.path is set: using {external.path}, no training")
+            f = install_external(external, cfg.base, out)
             metrics = report_classifier(f, dataset, splits, cfg.base, cfg.classifier, out, tracker)
         else:
             metrics = train(dataset, splits, cfg.base, cfg.classifier, out, tracker)
@@ -59,66 +70,89 @@ def train_classifier(cfg: Config) -> None:
     print(f"test ROC-AUC {t['roc_auc']}, accuracy {t['accuracy']:.4f}, Brier {t['brier']:.4f}")
 
 
-def posteriors(cfg: Config) -> None:
-    from .classifier import load_classifier
+def posteriors(cfg: Config, paths: dict = PATHS) -> None:
     from .posteriors import posterior_stage
     from .tracking import stage_run
 
-    dataset, splits = _dataset_and_splits(cfg)
-    f = load_classifier(PATHS["train_classifier"], cfg.base)
+    dataset, splits = _dataset_and_splits(cfg, paths)
     with stage_run("classifier", "posteriors", cfg, ("base", "posteriors")) as tracker:
-        summary = posterior_stage(f, dataset, splits, cfg.base, cfg.posteriors.batch_size,
-                                  PATHS["posteriors"], tracker)
+        summary = posterior_stage(_classifier(cfg, paths), dataset, splits, cfg.base, cfg.posteriors.batch_size,
+                                  Path(paths["posteriors"]), tracker)
     for split, s in summary.items():
         print(f"{split}: images per bin {s['bin_counts']}")
 
 
-def bin(cfg: Config) -> None:  # noqa: A001 - the stage's name in dvc.yaml
+def bin(cfg: Config, paths: dict = PATHS) -> None:  # noqa: A001 - the stage's name in dvc.yaml
     from .datasets import open_dataset
-    from .posteriors import bin_stage, read_table
+    from .posteriors import POSTERIOR_COLUMNS, bin_stage, read_table
     from .tracking import stage_run
 
     dataset = open_dataset(cfg.base)
-    rows = read_table(PATHS["posteriors"] / "posteriors.csv")
+    rows = read_table(Path(paths["posteriors"]) / "posteriors.csv",
+                      (*POSTERIOR_COLUMNS, f"label_{dataset.label_names[0]}"))
     with stage_run("classifier", "bin", cfg, ("base", "bin")) as tracker:
-        m = bin_stage(rows, dataset.label_names[0], cfg.base, cfg.bin, PATHS["bin"], tracker)
+        m = bin_stage(rows, dataset.label_names[0], cfg.base, cfg.bin, Path(paths["bin"]), tracker)
     print(f"explainer inputs: {m['images']} images; ECE before {m['before']['ece']:.4f}, "
           f"after {m['after']['ece']:.4f}; selected per bin {[b['selected'] for b in m['bins']]}")
 
 
-def train_explainer(cfg: Config) -> None:
-    from .explainer import train_explainer as train
+def train_explainer(cfg: Config, paths: dict = PATHS) -> None:
+    from .posteriors import read_explainer_inputs
     from .tracking import stage_run
+    from .training_loop import fit
 
+    dataset, splits = _dataset_and_splits(cfg, paths)
+    f = _classifier(cfg, paths)
+    indices, bins = read_explainer_inputs(Path(paths["bin"]) / "explainer_inputs.csv", dataset, cfg.base.num_bins)
     with stage_run("explainer", "train_explainer", cfg, ("base", "explainer")) as tracker:
-        train(cfg, PATHS, tracker)
+        fit(dataset, indices, bins, splits["val"], f, cfg.base, cfg.explainer, Path(paths["train_explainer"]), tracker)
 
 
-def explain(cfg: Config) -> None:
+def explain(cfg: Config, paths: dict = PATHS) -> None:
     from .series import explain_stage
     from .tracking import stage_run
 
+    dataset, splits = _dataset_and_splits(cfg, paths)
     with stage_run("explainer", "explain", cfg, ("base", "explain")) as tracker:
-        explain_stage(cfg, PATHS, tracker)
+        explain_stage(dataset, splits[cfg.explain.split], _classifier(cfg, paths), _generator(cfg, paths),
+                      cfg.base, cfg.explain, Path(paths["explain"]), tracker)
 
 
-def train_oracle(cfg: Config) -> None:
+def train_oracle(cfg: Config, paths: dict = PATHS) -> None:
     from .oracle import train_oracle as train
     from .tracking import stage_run
 
     with stage_run("evaluation", "train_oracle", cfg, ("base", "oracle")) as tracker:
-        train(cfg.base, cfg.oracle, PATHS["train_oracle"], tracker)
+        train(cfg.base, cfg.oracle, Path(paths["train_oracle"]), tracker)
 
 
-def evaluate(cfg: Config) -> None:
-    from .evaluate import evaluate_stage
+def evaluate(cfg: Config, paths: dict = PATHS) -> dict:
+    from .evaluate import Evaluator, compare_methods, load_series, real_reference_rows
+    from .io import read_json
+    from .oracle import load_oracle
+    from .posteriors import read_table
+    from .report import results_table, summarise, write_report
     from .tracking import stage_run
+    from .utils import channels_last
 
+    base, split, device, out = cfg.base, cfg.explain.split, resolve_device(cfg.base.device), Path(paths["evaluate"])
+    dataset, _ = _dataset_and_splits(cfg, paths)
+    f, g = _classifier(cfg, paths), _generator(cfg, paths)
+    channels_last(g, f, enabled=cfg.explain.channels_last)  # both methods run through the same f
+    oracle = load_oracle(Path(paths["train_oracle"]) / "oracle.pt", base).to(device)
+    data = load_series(Path(paths["explain"]) / "series.npz", dataset, f, base.num_bins, base.image_size, device)
+    ids, real_bins = real_reference_rows(read_table(Path(paths["posteriors"]) / "posteriors.csv"), split)
+    evaluator = Evaluator(f, oracle, dataset.images(dataset.index_of(ids)), real_bins, base, device)
     with stage_run("evaluation", "evaluate", cfg, ("base", "evaluate", "explain")) as tracker:
-        evaluate_stage(cfg, PATHS, tracker)
+        compared = compare_methods(g, f, data, evaluator, cfg, device)
+        oracle_accuracy = read_json(Path(paths["train_oracle"]) / "metrics.json")["test_accuracy"]
+        summary = summarise(compared, evaluator.reference(), split, oracle_accuracy, cfg.explain.probes)
+        write_report(out, summary, compared, base, tracker)
+    print(results_table(summary))
+    return summary
 
 
-STAGES: dict[str, Callable[[Config], None]] = {
+STAGES: dict[str, Callable[[Config, dict], object]] = {
     "prepare": prepare, "train_classifier": train_classifier, "posteriors": posteriors, "bin": bin,
     "train_explainer": train_explainer, "explain": explain, "train_oracle": train_oracle, "evaluate": evaluate,
 }

@@ -1,7 +1,7 @@
 """Seed sweeps: retrain the explainer under several settings and seeds, and summarise each setting.
 
 A 2000-step GAN run ends wherever its trajectory takes it: on the default, four explainer seeds
-gave oracle agreements from 0.59 to 0.79 (README, "Measured"). One run per setting therefore says
+gave oracle agreements from 0.59 to 0.79 (docs/MEASUREMENTS.md). One run per setting therefore says
 little about the setting. A sweep trains, explains and evaluates every (setting, seed) pair in
 worker processes (on one GPU several at once), on the pipeline's own upstream outputs, and writes
 
@@ -15,6 +15,7 @@ the explainer); `dvc repro` remains the measurement of record.
 from __future__ import annotations
 
 import copy
+import hashlib
 import multiprocessing as mp
 import re
 import time
@@ -71,11 +72,17 @@ def run_config(raw: dict, setting: Setting, seed: int, steps: Optional[int]) -> 
     if steps is not None:
         out["explainer"]["steps"] = steps
     out["evaluate"].update(baseline_queries=2, baseline_steps=1)
+    out["explain"]["split"] = "val"  # settings are compared on validation queries; test is for the final report
     try:
         config_from_dict(out)
     except ConfigError as exc:
         raise ConfigError(f"sweep setting {setting.name!r}: {exc}") from exc
     return out
+
+
+def settings_digest(raw: dict) -> str:
+    """What a finished run was made with: a rerun with other settings does not reuse it."""
+    return hashlib.sha256(yaml.safe_dump(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _run(job: tuple) -> dict:
@@ -85,26 +92,26 @@ def _run(job: tuple) -> dict:
     import os
     os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it: no bars from parallel workers
 
-    from .evaluate import evaluate_stage
-    from .explainer import train_explainer
-    from .series import explain_stage
+    from . import stages
     from .utils import set_threads
 
     set_threads(threads)
     cfg = config_from_dict(raw)
+    # Each run keeps its own MLflow store: parallel workers never contend for one SQLite file.
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(paths['evaluate']).parent.resolve() / 'mlflow.db'}"
     start = time.perf_counter()
     with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            train_explainer(cfg, paths)
+            stages.train_explainer(cfg, paths)
             trained = time.perf_counter()
-            explain_stage(cfg, paths)
-            summary = evaluate_stage(cfg, paths)
+            stages.explain(cfg, paths)
+            summary = stages.evaluate(cfg, paths)
         except Exception as exc:  # a diverged seed is an outcome: record it, let the other runs go on
             import traceback
             traceback.print_exc()
             return {"tag": tag, "error": f"{type(exc).__name__}: {exc} (log: {log_path})"}
     row = {k: summary["explainer"].get(k) for k in METRICS}
-    row.update(tag=tag, train_s=trained - start, total_s=time.perf_counter() - start,
+    row.update(tag=tag, settings=settings_digest(raw), train_s=trained - start, total_s=time.perf_counter() - start,
                real_oracle_agreement=summary["real_images"]["oracle_agreement"])
     return row
 
@@ -157,7 +164,7 @@ def run_sweep(params_path: str | Path, settings: list[Setting], seeds: list[int]
     rows_path = out_dir / "rows.json"
     # Failed runs are kept for the record until a rerun retries them.
     rows = read_json(rows_path) if rows_path.is_file() else []
-    done = {r["tag"] for r in rows if "error" not in r}
+    done = {r["tag"]: r.get("settings") for r in rows if "error" not in r}
     jobs, meta = [], {}
     for seed in seeds:  # seed-major: an interrupted sweep has every setting at its first seeds
         for s in settings:
@@ -165,14 +172,17 @@ def run_sweep(params_path: str | Path, settings: list[Setting], seeds: list[int]
             run_dir = out_dir / "runs" / tag
             cfg_raw = run_config(raw, s, seed, steps)
             meta[tag] = (s.name, seed)
-            if tag in done:
+            if done.get(tag) == settings_digest(cfg_raw):
                 continue
+            if tag in done:
+                print(f"sweep: {tag} finished under other settings; running it again", flush=True)
+                done.pop(tag)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text(run_dir / "params.yaml", yaml.safe_dump(cfg_raw, sort_keys=False))
             run_paths = {**paths, "train_explainer": run_dir / "explainer", "explain": run_dir / "explain",
                          "evaluate": run_dir / "evaluate"}
             jobs.append((tag, cfg_raw, run_paths, threads, run_dir / "log.txt"))
-    print(f"sweep: {len(settings)} settings x {len(seeds)} seeds; {len(done & set(meta))} runs already done, "
+    print(f"sweep: {len(settings)} settings x {len(seeds)} seeds; {len(set(done) & set(meta))} runs already done, "
           f"{len(jobs)} to run with {workers} worker(s) -> {out_dir}", flush=True)
     start = time.perf_counter()
     if jobs:

@@ -3,8 +3,8 @@
 Each trial trains an explainer for `tune.trial_steps` iterations and scores it on validation
 queries with the evaluation code: compatibility MAE with f and fid_oracle of the series against
 real validation images, and the oracle's agreement. Modes: "multi" (MAE and fid_oracle, Pareto
-front, NSGA-II) and "scalar" (MAE + fid_weight * fid_oracle + agreement_weight * (1 - oracle
-agreement), TPE, intermediate scores with a MedianPruner).
+front, NSGA-II) and "scalar" (MAE + fid_weight * fid_oracle, TPE, intermediate scores with a
+MedianPruner).
 
 Storage: an RDB URL (sqlite:///optuna.db by default, postgresql://... for many machines; with
 heartbeats, so a killed worker's trial is failed and retried) or "journal:FILE" (several
@@ -13,9 +13,7 @@ study name and storage (load_if_exists).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import multiprocessing as mp
 import os
 import tempfile
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 
+from . import metrics as M
 from .config import Config, config_from_dict
 from .io import save_figure, write_json, write_text
 from .tracking import tracking_uri
@@ -77,40 +76,36 @@ def sample_params(trial, cfg: Config):
 
 
 class Scorer:
-    """Scores a generator on fixed validation queries: compatibility MAE, fid_oracle and oracle
-    agreement, and the scalar objective built from them."""
+    """Scores a generator's series of fixed validation queries with the evaluator that the
+    evaluate stage uses (compatibility MAE, fid_oracle against the real validation images in
+    f's bins, oracle agreement) and the scalar objective built from them."""
 
     def __init__(self, cfg: Config, paths: dict, device: torch.device):
-        from . import metrics as M
         from .classifier import load_classifier
         from .datasets import open_dataset
+        from .evaluate import Evaluator, real_reference_rows
         from .oracle import load_oracle
-        from .posteriors import bin_index, read_explainer_inputs
+        from .posteriors import read_explainer_inputs, read_table
+        from .series import choose_queries
         from .splits import read_splits
 
-        self.cfg, self.device, self.M = cfg, device, M
+        self.cfg, self.device = cfg, device
         self.dataset = open_dataset(cfg.base)
         self.splits = read_splits(Path(paths["prepare"]) / "splits.json", self.dataset)
         self.f = load_classifier(paths["train_classifier"], cfg.base).to(device)
-        self.oracle = load_oracle(Path(paths["train_oracle"]) / "oracle.pt", cfg.base).to(device)
+        oracle = load_oracle(Path(paths["train_oracle"]) / "oracle.pt", cfg.base).to(device)
         self.indices, self.bins = read_explainer_inputs(Path(paths["bin"]) / "explainer_inputs.csv", self.dataset,
                                                         cfg.base.num_bins)
-        val = self.splits["val"]
-        rng = np.random.default_rng(cfg.base.seed)
-        pick = np.sort(rng.choice(len(val), size=min(cfg.tune.val_queries, len(val)), replace=False))
-        self.queries = self.dataset.images(val[pick])
-        real = self.dataset.images(val)
-        real_feats = M.batched(lambda t: self.oracle.features(t.to(device)), real)
-        real_bins = bin_index(M.batched(lambda t: self.f(t.to(device)), real).numpy(), cfg.base.num_bins)
-        self.real_by_bin = M.group_by_bin(real_feats, real_bins, cfg.base.num_bins)
-        self.target_index = self.oracle.index_of(cfg.base.target)
-        if cfg.tune.agreement_weight > 0 and self.target_index is None:
-            raise ValueError(f"tune.agreement_weight is {cfg.tune.agreement_weight} but the oracle has no output "
-                             f"named {cfg.base.target!r} (base.target); set tune.agreement_weight to 0")
+        self.queries = self.dataset.images(choose_queries(self.splits["val"], cfg.tune.val_queries, cfg.base.seed))
+        with torch.no_grad():
+            self.p_query = M.batched(lambda t: self.f(t.to(device)), self.queries).numpy()
+        ids, real_bins = real_reference_rows(read_table(Path(paths["posteriors"]) / "posteriors.csv"), "val")
+        self.evaluator = Evaluator(self.f, oracle, self.dataset.images(self.dataset.index_of(ids)), real_bins,
+                                   cfg.base, device)
 
     @torch.no_grad()
     def __call__(self, g) -> dict[str, float]:
-        from .explainer import explain_series
+        from .inference import explain_series
 
         was_training = g.training
         g.eval()
@@ -118,19 +113,10 @@ class Scorer:
                                       self.cfg.explain.probes)[0].cpu()
                        for i in range(0, len(self.queries), 32)])
         g.train(was_training)
-        flat = s.flatten(0, 1)
-        p = self.M.batched(lambda t: self.f(t.to(self.device)), flat).reshape(s.shape[:2]).numpy()
-        feats = self.M.batched(lambda t: self.oracle.features(t.to(self.device)), flat).reshape(*s.shape[:2], -1)
-        mae = self.M.compatibility(p)["compatibility_mae"]
-        fid, _ = self.M.per_bin_fid(self.real_by_bin, feats)
-        scores = {"compatibility_mae": mae, "fid_oracle": fid}
-        agreement = None
-        if self.target_index is not None:
-            probs = self.M.batched(lambda t: self.oracle.probabilities(t.to(self.device)), flat)
-            agreement = self.M.oracle_agreement(probs[:, self.target_index].reshape(s.shape[:2]).numpy())
-            scores["oracle_agreement"] = agreement
-        t = self.cfg.tune
-        scores["objective"] = self.M.scalar_objective(mae, fid, t.fid_weight, agreement, t.agreement_weight)
+        core = self.evaluator.core(s, self.p_query)
+        scores = {k: core[k] for k in ("compatibility_mae", "fid_oracle", "oracle_agreement") if k in core}
+        scores["objective"] = M.scalar_objective(core["compatibility_mae"], core["fid_oracle"],
+                                                 self.cfg.tune.fid_weight)
         return scores
 
 
@@ -138,7 +124,7 @@ def _objective(trial, cfg: Config, paths: dict, scorer: Scorer, parent_run_id: O
     import mlflow
     import optuna
 
-    from .explainer import fit
+    from .training_loop import fit
     from .tracking import MlflowTracker
 
     params = sample_params(trial, cfg)
@@ -242,16 +228,7 @@ def run_study(cfg: Config, paths: dict, workers: Optional[int] = None, n_trials:
     study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                 sampler=_sampler(cfg, 0), pruner=_pruner(cfg), load_if_exists=True)
     if not study.trials:
-        # The current weights are the first trial: the study then says whether it beats them.
-        e = cfg.explainer
-        default = {"lambda_gan": e.lambda_gan, "lambda_cyc": e.lambda_cyc, "lambda_cls": e.lambda_cls}
-        bounds = {"lambda_gan": t.lambda_gan, "lambda_cyc": t.lambda_cyc, "lambda_cls": t.lambda_cls}
-        if all(lo <= default[k] <= hi for k, (lo, hi) in bounds.items()):
-            if t.tune_lr and t.lr[0] <= e.lr_g <= t.lr[1]:
-                default["lr"] = e.lr_g
-            if t.tune_n_critic and t.n_critic[0] <= e.n_critic <= t.n_critic[1]:
-                default["n_critic"] = e.n_critic
-            study.enqueue_trial(default, user_attrs={"is_default": True})
+        _enqueue_current_weights(study, cfg)
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("exaggerate-tuning")
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -265,19 +242,7 @@ def run_study(cfg: Config, paths: dict, workers: Optional[int] = None, n_trials:
         config["base"]["threads"] = worker_threads(cfg.base.threads, workers)
         args = (config, {k: str(v) for k, v in paths.items()}, storage_url, study_name, n_trials,
                 parent.info.run_id)
-        if workers == 1:
-            worker(*args, 0)
-        else:
-            ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=worker, args=(*args, i), name=f"tune-worker-{i}") for i in range(workers)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
-            bad = [p.exitcode for p in procs if p.exitcode != 0]
-            if bad:
-                print(f"{len(bad)} of {workers} workers ended abnormally (exit codes {bad}); "
-                      "their running trials are failed by heartbeat and retried")
+        _run_workers(args, workers)
         if isinstance(storage, optuna.storages.RDBStorage):
             optuna.storages.fail_stale_trials(study)
         summary = summarise(study, cfg, out_dir)
@@ -291,6 +256,37 @@ def run_study(cfg: Config, paths: dict, workers: Optional[int] = None, n_trials:
     return summary
 
 
+def _enqueue_current_weights(study, cfg: Config) -> None:
+    """The current weights are the first trial: the study then says whether it beats them."""
+    t, e = cfg.tune, cfg.explainer
+    default = {"lambda_gan": e.lambda_gan, "lambda_cyc": e.lambda_cyc, "lambda_cls": e.lambda_cls}
+    bounds = {"lambda_gan": t.lambda_gan, "lambda_cyc": t.lambda_cyc, "lambda_cls": t.lambda_cls}
+    if not all(lo <= default[k] <= hi for k, (lo, hi) in bounds.items()):
+        return
+    if t.tune_lr and t.lr[0] <= e.lr_g <= t.lr[1]:
+        default["lr"] = e.lr_g
+    if t.tune_n_critic and t.n_critic[0] <= e.n_critic <= t.n_critic[1]:
+        default["n_critic"] = e.n_critic
+    study.enqueue_trial(default, user_attrs={"is_default": True})
+
+
+def _run_workers(args: tuple, workers: int) -> None:
+    """The study's workers: this process alone, or spawned processes (each loads the study)."""
+    if workers == 1:
+        worker(*args, 0)
+        return
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(*args, i), name=f"tune-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        print(f"{len(bad)} of {workers} workers ended abnormally (exit codes {bad}); "
+              "their running trials are failed by heartbeat and retried")
+
+
 def _run_exists(run_id: str) -> bool:
     import mlflow
 
@@ -301,6 +297,20 @@ def _run_exists(run_id: str) -> bool:
         return False
 
 
+def trials_table(study):
+    """One row per trial (optuna's trials_dataframe): number, state, parameters, then the
+    validation scores, whether it is the current weights and why it failed."""
+    import pandas as pd
+
+    if not study.trials:
+        return pd.DataFrame(columns=["number", "state"])
+    df = study.trials_dataframe(attrs=("number", "state", "params", "user_attrs"), multi_index=False)
+    df = df.rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
+    df = df.rename(columns={"is_default": "default", "fail_reason": "reason"})
+    first = ["number", "state", *sorted({k for t in study.trials for k in t.params})]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
 def summarise(study, cfg: Config, out_dir: Path) -> dict:
     """trials.csv, best_params.yaml (never params.yaml), plots and a JSON summary."""
     from optuna.trial import TrialState
@@ -309,19 +319,7 @@ def summarise(study, cfg: Config, out_dir: Path) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    names = sorted({k for tr in trials for k in tr.params})
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["number", "state", *names, "compatibility_mae", "fid_oracle", "oracle_agreement", "objective",
-                "default", "reason"])
-    for tr in trials:
-        ua = tr.user_attrs
-        w.writerow([tr.number, tr.state.name, *[tr.params.get(k, "") for k in names],
-                    ua.get("compatibility_mae", ""), ua.get("fid_oracle", ""), ua.get("oracle_agreement", ""),
-                    ua.get("objective", ""),
-                    ua.get("is_default", False), ua.get("fail_reason", "")])
-    write_text(out_dir / "trials.csv", buf.getvalue())
-
+    write_text(out_dir / "trials.csv", trials_table(study).to_csv(index=False, lineterminator="\n"))
     complete = [tr for tr in trials if tr.state == TrialState.COMPLETE]
     counts = {s.name: sum(tr.state == s for tr in trials) for s in TrialState}
     summary: dict = {"study": study.study_name, "mode": cfg.tune.mode, "trials": len(trials), "states": counts}
@@ -366,10 +364,7 @@ def _plots(study, complete, cfg: Config, out_dir: Path, plots) -> None:
     ax.plot(xs, ys, "o", label="trial")
     ax.plot(xs, np.minimum.accumulate(ys), "-", label="best so far")
     ax.set_xlabel("trial")
-    label = f"MAE + {cfg.tune.fid_weight:g} x fid_oracle"
-    if cfg.tune.agreement_weight and not multi:
-        label += f" + {cfg.tune.agreement_weight:g} x (1 - agr.)"
-    ax.set_ylabel(label)
+    ax.set_ylabel(f"MAE + {cfg.tune.fid_weight:g} x fid_oracle")
     ax.legend()
     save_figure(out_dir / "history.png", fig)
     plots.close(fig)

@@ -33,3 +33,31 @@ def channels_last(*modules: torch.nn.Module, enabled: bool = True) -> None:
 def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+class _LogLines:
+    """A stream for progress bars in logs: each redraw becomes one plain line, erasures vanish."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar that redraws on a terminal and, in a log (DVC, CI), writes one line at
+    most every 60 s instead of a redraw a second. Set postfixes with refresh=False."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs = {"mininterval": 60.0, "maxinterval": 120.0, "ascii": True, "file": _LogLines(sys.stderr),
+                  **kwargs}
+    return tqdm(iterable, **{"mininterval": 1.0, **kwargs})
