@@ -122,6 +122,37 @@ def test_external_torchscript_runs_the_posterior_stage(trained, tmp_path):
     assert sum(summary["test"]["bin_counts"]) == len(splits["test"])
 
 
+def test_external_torch_export_program_is_f_and_needs_a_dynamic_batch(trained, tmp_path):
+    base, ds, splits, _, _ = trained
+    net = _Logits().eval()
+    program = torch.export.export(net, (torch.rand(2, 3, 24, 24),),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(program, str(tmp_path / "user.pt2"))
+    spec = ExternalClassifier(path=str(tmp_path / "user.pt2"), output_index=1, input_size=24, channels=3,
+                              value_range=[0.0, 1.0], output="logit")
+    install_external(spec, base, tmp_path / "classifier")
+    assert json.loads((tmp_path / "classifier/classifier.json").read_text())["kind"] == "torch_export"
+    assert (tmp_path / "classifier/checkpoints").is_dir()  # declared by dvc.yaml, empty of training
+    f = load_classifier(tmp_path / "classifier", base)
+    x = ds.images(splits["val"][:5])
+    with torch.no_grad():
+        manual = torch.sigmoid(net(torch.nn.functional.interpolate(
+            ((x + 1) / 2).expand(-1, 3, -1, -1), size=(24, 24), mode="bilinear", align_corners=False))[:, 1])
+    assert torch.allclose(f(x), manual, atol=1e-6)
+    f.train()  # a program refuses .train()/.eval(); f keeps working whatever its owner asks
+    x.requires_grad_(True)
+    f(x).sum().backward()  # gradients reach the image through the program, as the explainer needs
+    assert x.grad.abs().sum() > 0
+    static = torch.export.export(net, (torch.rand(2, 3, 24, 24),))
+    torch.export.save(static, str(tmp_path / "static.pt2"))
+    with pytest.raises(ClassifierError, match=r"static.pt2 fails on a batch of shape \(3, 3, 24, 24\).*dynamic batch"):
+        install_external(ExternalClassifier(path=str(tmp_path / "static.pt2"), input_size=24, channels=3), base,
+                         tmp_path / "o")
+    (tmp_path / "junk.pt2").write_bytes(b"junk")
+    with pytest.raises(ClassifierError, match="cannot load torch.export program .*junk.pt2"):
+        install_external(ExternalClassifier(path=str(tmp_path / "junk.pt2")), base, tmp_path / "o")
+
+
 def _reference(path):
     return torch.jit.load(str(path))
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 import yaml
 
 from fakes import make_fashion
@@ -72,10 +74,8 @@ def env(tmp_path_factory):
     return e
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, env) -> Path:
-    """A git + DVC project laid out like this repository, with tiny params and fake data."""
-    root = tmp_path_factory.mktemp("project")
+def make_project(root: Path, env: dict, params: dict) -> Path:
+    """A git + DVC project laid out like this repository, with the given params and fake data."""
     for name in ("dvc.yaml", ".dvcignore", "src", "notebooks"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
@@ -83,18 +83,76 @@ def project(tmp_path_factory, env) -> Path:
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     shutil.copy(REPO / ".dvc" / ".gitignore", root / ".dvc" / ".gitignore")
     (root / ".gitignore").write_text("mlflow.db\n__pycache__/\n")
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     make_fashion(root / "data" / "fashion-mnist")
     run(["git", "init", "-q", "-b", "main"], root, env)
     run(["dvc", "add", "-q", "data"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny project"], root, env)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, env) -> Path:
+    """The tiny project after a full `dvc repro`."""
+    root = make_project(tmp_path_factory.mktemp("project"), env, tiny_params())
     out = run(["dvc", "repro"], root, env)
     assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain",
                                       "train_oracle", "evaluate"}
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "pipeline run"], root, env)
     return root
+
+
+class UserNet(nn.Module):
+    """A user's own classifier, unlike ours: plain convolutions, 3 channels at 48x48 in [0, 1],
+    two logits of which the second is explained."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Sequential(nn.Conv2d(3, 6, 5, 2), nn.ReLU(), nn.Conv2d(6, 8, 3, 2), nn.ReLU())
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3))) * 20
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "torch_export"])
+def test_pipeline_runs_on_a_users_own_classifier(tmp_path, env, kind):
+    import json
+
+    net = UserNet().eval()
+    if kind == "torchscript":
+        model = tmp_path / "user.pt"
+        torch.jit.script(net).save(str(model))
+    else:
+        model = tmp_path / "user.pt2"
+        program = torch.export.export(net, (torch.rand(2, 3, 48, 48),),
+                                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        torch.export.save(program, str(model))
+    params = tiny_params()
+    params["classifier"]["external"] = {"path": str(model), "output_index": 1, "input_size": 48, "channels": 3,
+                                        "value_range": [0.0, 1.0], "output": "logit"}
+    (tmp_path / "project").mkdir()
+    root = make_project(tmp_path / "project", env, params)
+    out = run(["dvc", "repro", "explain"], root, env)
+    assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain"}
+    assert json.loads((root / "outputs/classifier/classifier.json").read_text())["kind"] == kind
+    series = json.loads((root / "outputs/explain/series.json").read_text())["queries"]
+    assert len(series) == 12 and all(len(q["p_series"]) == 10 for q in series)
+    # f is the user's network, seen through the adapter: resized to 48, grey to 3 channels, [0, 1].
+    x = torch.zeros(1, 1, 32, 32)
+    want = torch.sigmoid(net(torch.full((1, 3, 48, 48), 0.5)))[0, 1]
+    assert abs(want.item() - _user_f(root, x)) < 1e-5
+    assert "up to date" in run(["dvc", "status", "explain"], root, env).stdout
+
+
+def _user_f(root: Path, x) -> float:
+    from exaggerate.classifier import load_classifier
+    from exaggerate.config import load_config
+
+    return load_classifier(root / "outputs/classifier", load_config(root / "params.yaml").base)(x).item()
 
 
 def test_pipeline_outputs(project):

@@ -269,51 +269,92 @@ def report_classifier(f: BlackBox, dataset: ImageDataset, splits: dict[str, np.n
 # ----------------------------------------------------------------------------- loading
 
 def install_external(spec: ExternalClassifier, base: Base, out_dir: str | Path) -> BlackBox:
-    """Bring-your-own classifier: validate the TorchScript file and record it as f."""
+    """Bring-your-own classifier: check the TorchScript or torch.export file and record it as f."""
     out_dir = Path(out_dir)
     src = Path(spec.path)
-    f = load_torchscript(src, spec, base)
+    kind = external_kind(src)
+    f = load_external(src, kind, spec, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     from .io import atomic_path
     with atomic_path(out_dir / "model.pt") as tmp:
         shutil.copyfile(src, tmp)
-    write_json(out_dir / "classifier.json", {"kind": "torchscript", "source": str(src), "external": asdict(spec),
+    # dvc.yaml declares the training checkpoints folder: here it only says why it is empty.
+    (out_dir / "checkpoints").mkdir(exist_ok=True)
+    (out_dir / "checkpoints" / "README.txt").write_text(f"f is the external classifier {src}; nothing was trained.\n")
+    write_json(out_dir / "classifier.json", {"kind": kind, "source": str(src), "external": asdict(spec),
                                               "label_names": [base.target], "image_size": base.image_size,
                                               "channels": base.channels})
     return f
 
 
-def load_torchscript(path: Path, spec: ExternalClassifier, base: Base) -> BlackBox:
+def external_kind(path: Path) -> str:
+    """"torch_export" for a torch.export program (.pt2), else "torchscript"."""
+    return "torch_export" if path.suffix == ".pt2" else "torchscript"
+
+
+class _Exported(nn.Module):
+    """A torch.export program as f's model. Its train/eval behaviour was fixed when it was
+    exported (the program refuses .eval()), so switching modes here changes nothing."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
+def _read_external(path: Path, kind: str) -> nn.Module:
+    what = "torch.export program" if kind == "torch_export" else "TorchScript classifier"
     if not path.is_file():
-        raise ClassifierError(f"TorchScript classifier {path} not found (classifier.external.path)")
+        raise ClassifierError(f"{what} {path} not found (classifier.external.path)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = torch.jit.load(str(path), map_location="cpu")
+            if kind == "torch_export":
+                return _Exported(torch.export.load(str(path)).module())
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, ValueError, zipfile errors...
-        raise ClassifierError(f"cannot load TorchScript classifier {path}: {exc}") from exc
+        raise ClassifierError(f"cannot load {what} {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_external(path: Path, kind: str, spec: ExternalClassifier, base: Base) -> BlackBox:
+    """A user's classifier file as f, checked on probe batches: it must return (batch,) or
+    (batch, outputs), with output_index in range, for batches of any size."""
+    model = _read_external(path, kind)
     f = BlackBox(model, [base.target], base.image_size, base.channels, input_size=spec.input_size,
                  input_channels=spec.channels, value_range=tuple(spec.value_range), output=spec.output,
                  output_index=spec.output_index, source=str(path))
-    probe = torch.zeros(2, base.channels, base.image_size, base.image_size)
-    try:
-        with torch.no_grad():
-            out = f.model(f._adapt(probe))
-    except Exception as exc:
-        raise ClassifierError(f"TorchScript classifier {path} fails on a batch of shape "
-                              f"(2, {spec.channels}, {spec.input_size}, {spec.input_size}) "
-                              f"(classifier.external.input_size/channels): {exc}") from exc
+    for batch in (2, 3):  # two sizes: a program exported for one batch size fails the other
+        probe = torch.zeros(batch, base.channels, base.image_size, base.image_size)
+        try:
+            with torch.no_grad():
+                out = f.model(f._adapt(probe))
+        except Exception as exc:
+            hint = (" (export it with a dynamic batch dimension: dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+                    if kind == "torch_export" else "")
+            raise ClassifierError(f"classifier {path} fails on a batch of shape ({batch}, {spec.channels}, "
+                                  f"{spec.input_size}, {spec.input_size}) (classifier.external.input_size/channels)"
+                                  f"{hint}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        _check_external_output(out, batch, path, spec)
+    return f
+
+
+def _check_external_output(out, batch: int, path: Path, spec: ExternalClassifier) -> None:
     if isinstance(out, (tuple, list)):
         out = out[0]
-    if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2) or out.shape[0] != 2:
+    if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2) or out.shape[0] != batch:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ClassifierError(f"TorchScript classifier {path} returned {shape} for a batch of 2; "
+        raise ClassifierError(f"classifier {path} returned {shape} for a batch of {batch}; "
                               "expected (batch,) or (batch, outputs)")
     n_out = 1 if out.ndim == 1 else out.shape[1]
     if spec.output_index >= n_out:
         raise ClassifierError(f"classifier.external.output_index {spec.output_index} is out of range: "
                               f"{path} has {n_out} output(s) (valid indices 0..{n_out - 1})")
-    return f
 
 
 _ARCH_KEYS = ("growth_rate", "block_config", "num_init_features", "bn_size", "stem", "channels", "label_names")
@@ -326,9 +367,9 @@ def load_classifier(out_dir: str | Path, base: Base) -> BlackBox:
     if meta["image_size"] != base.image_size or meta["channels"] != base.channels:
         raise ClassifierError(f"{out_dir / 'classifier.json'}: classifier expects {meta['channels']}x"
                               f"{meta['image_size']}px images, params say {base.channels}x{base.image_size}")
-    if meta["kind"] == "torchscript":
+    if meta["kind"] in ("torchscript", "torch_export"):
         spec = ExternalClassifier(**{**meta["external"], "path": str(out_dir / "model.pt")})
-        return load_torchscript(out_dir / "model.pt", spec, base)
+        return load_external(out_dir / "model.pt", meta["kind"], spec, base)
     state = read_torch_file(out_dir / "model.pt", "classifier", ("arch", "state_dict"))
     arch = state["arch"]
     missing = [k for k in _ARCH_KEYS if k not in arch]

@@ -74,7 +74,7 @@ class Prepare:
 
 @dataclass(frozen=True)
 class ExternalClassifier:
-    """A user's own classifier as a TorchScript file; replaces training."""
+    """A user's own classifier, a TorchScript file or a torch.export program (.pt2); replaces training."""
     path: str = ""
     output_index: int = 0
     input_size: int = 32
