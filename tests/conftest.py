@@ -33,6 +33,20 @@ def image_folder_root(tmp_path) -> Path:
     return make_image_folder(tmp_path / "folder")
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, fashion_root):
+    """A tiny classifier trained once per session on the fake Fashion-MNIST (tests only read it):
+    (base, dataset, splits, its folder, its metrics)."""
+    from exaggerate.classifier import train_classifier
+    from helpers import TINY_CLASSIFIER, dataset_and_splits
+
+    base = Base(data_root=str(fashion_root))
+    ds, splits = dataset_and_splits(base)
+    out = tmp_path_factory.mktemp("clf")
+    metrics = train_classifier(ds, splits, base, TINY_CLASSIFIER, out)
+    return base, ds, splits, out, metrics
+
+
 @pytest.fixture
 def fashion_base(fashion_root) -> Base:
     return Base(data_root=str(fashion_root))

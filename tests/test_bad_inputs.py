@@ -8,22 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from exaggerate.classifier import load_classifier, train_classifier
+from exaggerate.classifier import load_classifier
 from exaggerate.config import Base, ConfigError, Oracle as OracleParams, config_from_dict
 from exaggerate.io import ArtifactError, load_npz
 from exaggerate.oracle import load_oracle, train_oracle
 from exaggerate.posteriors import PosteriorError, read_table
-from helpers import TINY_CLASSIFIER, dataset_and_splits
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory, fashion_root):
-    base = Base(data_root=str(fashion_root))
-    ds, splits = dataset_and_splits(base)
-    out = tmp_path_factory.mktemp("clf")
-    train_classifier(ds, splits, base, TINY_CLASSIFIER, out)
+def classifier_dir(trained):
+    base, _, _, out, _ = trained
     return base, out
 
 

@@ -8,18 +8,7 @@ import torch.nn as nn
 from exaggerate.classifier import ClassifierError, install_external, load_classifier, mixup, train_classifier
 from exaggerate.config import ExternalClassifier
 from exaggerate.posteriors import PosteriorError, check_posteriors, posterior_stage, read_table
-from helpers import TINY_CLASSIFIER, dataset_and_splits
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, fashion_root):
-    from exaggerate.config import Base
-
-    base = Base(data_root=str(fashion_root))
-    ds, splits = dataset_and_splits(base)
-    out = tmp_path_factory.mktemp("clf")
-    metrics = train_classifier(ds, splits, base, TINY_CLASSIFIER, out)
-    return base, ds, splits, out, metrics
+from helpers import TINY_CLASSIFIER
 
 
 def test_training_writes_model_metrics_and_figures(trained):

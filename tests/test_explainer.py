@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from exaggerate.classifier import BlackBox, train_classifier, load_classifier
+from exaggerate.classifier import BlackBox, load_classifier
 from exaggerate.config import Base, ConfigError
 from exaggerate.io import ArtifactError
 from exaggerate.augment import augment
@@ -17,15 +17,12 @@ from exaggerate.networks import ConditionalBatchNorm2d
 from exaggerate.networks import Discriminator, Generator
 from exaggerate.posteriors import bin_index
 from exaggerate.tracking import Tracker
-from helpers import TINY_CLASSIFIER, TINY_EXPLAINER, dataset_and_splits
+from helpers import TINY_EXPLAINER
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, fashion_root):
-    base = Base(data_root=str(fashion_root))
-    ds, splits = dataset_and_splits(base)
-    clf_dir = tmp_path_factory.mktemp("clf")
-    train_classifier(ds, splits, base, TINY_CLASSIFIER, clf_dir)
+def setup(trained):
+    base, ds, splits, clf_dir, _ = trained
     f = load_classifier(clf_dir, base)
     with torch.no_grad():
         p = f(ds.images(splits["train"])).numpy()

@@ -59,7 +59,7 @@ def load_series(path: Path, dataset: ImageDataset, f: BlackBox, num_bins: int, i
 def real_reference_rows(table, split: str) -> tuple[list[str], np.ndarray]:
     """The ids and f's bins of a split's real images, from the posteriors table."""
     chosen = table[table["split"] == split]
-    return chosen["id"].tolist(), chosen["bin"].to_numpy(np.int64)
+    return chosen["id"].tolist(), chosen["bin"].to_numpy(np.int64, copy=True)
 
 
 class Evaluator:

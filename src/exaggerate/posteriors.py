@@ -194,7 +194,7 @@ def bin_stage(table: pd.DataFrame, label_name: str, base: Base, params: Bin, out
 def read_explainer_inputs(path: str | Path, dataset: ImageDataset, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Dataset indices and source bins of the explainer's training pairs."""
     table = read_table(path, INPUT_COLUMNS)
-    bins = table["bin"].to_numpy(np.int64)
+    bins = table["bin"].to_numpy(np.int64, copy=True)  # writable: torch warns on read-only views
     if len(bins) and bins.max() >= num_bins:
         raise PosteriorError(f"{path} has bin {bins.max()} but base.num_bins is {num_bins}; rerun the bin stage")
     return dataset.index_of(table["id"].tolist()), bins
