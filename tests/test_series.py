@@ -48,3 +48,6 @@ def test_metrics_of_a_broken_series():
 def test_strip_names_stay_unique_when_basenames_repeat():
     names = strip_names(["a/boot.png", "b/boot.png", "c/boot.jpg", "shoe 1.png"])
     assert names == ["boot_series.png", "boot-2_series.png", "boot-3_series.png", "shoe_1_series.png"]
+    # A file already named like a renamed twin does not take its place either.
+    assert strip_names(["boot.png", "boot-2.png", "b/boot.png"]) == ["boot_series.png", "boot-2_series.png",
+                                                                     "boot-3_series.png"]

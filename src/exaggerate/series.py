@@ -122,11 +122,14 @@ def overview_figure(arrays: dict[str, np.ndarray], num_bins: int, title: str):
 
 def strip_names(images: Sequence[str]) -> list[str]:
     """One strip file name per input, unique even when basenames repeat (a/boot.png, b/boot.png)."""
-    names, seen = [], {}
+    names: list[str] = []
     for name in images:
-        stem = _safe_name(Path(name).stem)
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(f"{stem}_series.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}_series.png")
+        stem, k = _safe_name(Path(name).stem), 1
+        candidate = f"{stem}_series.png"
+        while candidate in names:
+            k += 1
+            candidate = f"{stem}-{k}_series.png"
+        names.append(candidate)
     return names
 
 
