@@ -144,10 +144,12 @@ def test_results_table_lists_each_method_and_names_absent_metrics():
 
     method = {"compatibility_mae": 0.1, "tuning_objective": 0.3, "fid_oracle": None}
     summary = {"queries": 4, "baseline_queries": 2, "explainer": method, "explainer_on_baseline_queries": method,
+               "explainer_paper_series": {**method, "compatibility_mae": 0.15},
                "baseline": {**method, "compatibility_mae": 0.2}, "absent": {"mnac": "single-label dataset"}}
     table = results_table(summary)
-    assert "| compatibility MAE (lower) | 0.1 | 0.1 | 0.2 |" in table
-    assert "| tuning objective: MAE + tune.fid_weight x fid_oracle (lower) | 0.3 | 0.3 | 0.3 |" in table
+    assert "| explainer, the paper's series (4 queries) |" in table
+    assert "| compatibility MAE (lower) | 0.1 | 0.15 | 0.1 | 0.2 |" in table
+    assert "| tuning objective: MAE + tune.fid_weight x fid_oracle (lower) | 0.3 | 0.3 | 0.3 | 0.3 |" in table
     assert "fid_oracle, mean over target bins (lower) | absent |" in table
     assert "- mnac: single-label dataset" in table
 
@@ -178,3 +180,36 @@ def test_time_in_turns_interleaves_methods_per_batch_and_repeats_the_fast_one():
         [("fast", 1)] * 3 + [("slow", 1)]
     assert torch.equal(out["fast"], 2 * x) and torch.equal(out["slow"], -x)
     assert set(seconds) == {"fast", "slow"} and all(t > 0 for t in seconds.values())
+
+
+def test_oracle_task_accuracy_judges_the_explained_decision_only():
+    from exaggerate.config import Base
+    from exaggerate.oracle import task_accuracy
+
+    names = ["T-shirt", "Trouser", "Sneaker", "Ankle boot"]
+    p = torch.tensor([[0.1, 0.1, 0.2, 0.6], [0.1, 0.1, 0.7, 0.1], [0.7, 0.0, 0.1, 0.2], [0.9, 0.0, 0.05, 0.05],
+                      [0.0, 0.9, 0.04, 0.06]])
+    y = torch.tensor([3, 2, 3, 0, 2])
+    # Boot vs sneaker: the T-shirt image is not the task's; image 2 is a boot among the two
+    # classes (0.2 > 0.1) though the T-shirt column is larger; image 4 is taken for a boot.
+    pair = task_accuracy(p, y, names, "multiclass", Base(target="Ankle boot", negatives=["Sneaker"]))
+    assert pair == {"task_accuracy": 0.75, "task_images": 4, "task_classes": ["Ankle boot", "Sneaker"]}
+    # One-vs-rest: every image counts; image 2 is now lost to the T-shirt.
+    rest = task_accuracy(p, y, names, "multiclass", Base(target="Ankle boot", negatives=[]))
+    assert rest["task_accuracy"] == 0.8 and rest["task_images"] == 5
+    attrs = task_accuracy(torch.tensor([[0.7, 0.2], [0.4, 0.9]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+                          ["Smiling", "Male"], "multilabel", Base(target="Smiling"))
+    assert attrs["task_accuracy"] == 0.5
+
+
+def test_small_datasets_train_the_oracle_for_more_epochs_and_a_weak_one_is_refused():
+    from exaggerate.config import Oracle as OracleParams
+    from exaggerate.evaluate import oracle_refusal
+    from exaggerate.oracle import oracle_epochs
+
+    params = OracleParams(epochs=2, min_steps=900, batch_size=128)
+    assert oracle_epochs(params, 60000) == 2      # 469 steps an epoch: 2 epochs reach 900
+    assert oracle_epochs(params, 1580) == 70      # 13 steps an epoch
+    assert oracle_refusal({"task_accuracy": 0.93}, 0.9) is None
+    assert "0.5400, below evaluate.oracle_gate 0.9" in oracle_refusal({"task_accuracy": 0.54}, 0.9)
+    assert "rerun the train_oracle stage" in oracle_refusal({"test_accuracy": 0.9}, 0.9)

@@ -32,7 +32,7 @@ TINY = {
     "explainer": {"generator_widths": [8, 16], "discriminator_widths": [8, 16], "n_critic": 1, "batch_size": 8,
                   "steps": 6, "checkpoint_every": 2, "log_every": 2, "image_every": 3, "grid_queries": 2},
     "explain": {"num_queries": 12, "strips": 2, "batch_size": 8},
-    "oracle": {"widths": [8, 16], "feature_dim": 16, "epochs": 1, "batch_size": 64, "max_train": 200},
+    "oracle": {"widths": [8, 16], "feature_dim": 16, "epochs": 1, "min_steps": 60, "batch_size": 64, "max_train": 200},
     "evaluate": {"baseline_queries": 6, "baseline_steps": 20, "cout_steps": 5, "batch_size": 6},
     "tune": {"study_name": "explainer-weights", "n_trials": 3, "workers": 2, "trial_steps": 4, "eval_every": 2,
              "val_queries": 8, "startup_trials": 1, "prune_after": 0, "heartbeat_s": 1, "tune_lr": False},
@@ -231,6 +231,36 @@ def test_evaluation_outputs(project):
     assert real["split"] == "test" and sum(real["per_bin"]) == real["images"] > 0
     if real["oracle_agreement"] is not None:  # None only when f puts all real images in one bin
         assert -1 <= real["oracle_agreement"] <= 1 and "what real data reaches" in table
+
+
+def test_evaluation_reports_the_papers_series_and_the_oracle_gate(project):
+    import json
+    m = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    paper = m["explainer_paper_series"]
+    assert 0 <= paper["compatibility_mae"] <= 1 and len(paper["compatibility_curves"]) >= 1
+    assert m["oracle_task_accuracy"] >= m["oracle_gate"] == 0.9 and "fid_oracle" in paper
+    oracle = json.loads((project / "outputs/oracle/metrics.json").read_text())
+    assert oracle["epochs"] == 15  # 200 images in batches of 64: 4 steps an epoch; min_steps 60 needs 15
+    table = (project / "outputs/evaluate/results.md").read_text()
+    assert "the paper's series (12 queries)" in table and "gate evaluate.oracle_gate 0.9: passed" in table
+
+
+def test_a_weak_oracle_judges_nothing(project, env, tmp_path):
+    import json
+    work = tmp_path / "weak"
+    shutil.copytree(project, work)
+    path = work / "outputs/oracle/metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "task_accuracy": 0.54}))
+    run([str(BIN / "exaggerate"), "stage", "evaluate"], work, env)
+    m = json.loads((work / "outputs/evaluate/metrics.json").read_text())
+    reason = next(v for k, v in m["absent"].items() if k.startswith("oracle-based metrics"))
+    assert "0.5400, below evaluate.oracle_gate 0.9" in reason
+    for method in ("explainer", "explainer_paper_series", "baseline"):
+        assert not {"oracle_agreement", "fid_oracle", "sfid_oracle", "tuning_objective"} & {
+            k for k, v in m[method].items() if v is not None}, method
+        assert 0 <= m[method]["compatibility_mae"] <= 1  # what needs no oracle is still there
+    assert m["real_images"]["oracle_agreement"] is None
+    assert "FAILED: oracle-based metrics refused" in (work / "outputs/evaluate/results.md").read_text()
 
 
 def test_bench_speedup_times_both_methods_at_each_batch_size(project, env):

@@ -220,6 +220,9 @@ class Oracle:
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     feature_dim: int = 128
     epochs: int = 2
+    # At least this many training steps whatever the dataset's size: a small dataset gets more
+    # epochs (epochs = max(epochs, ceil(min_steps / steps per epoch))).
+    min_steps: int = 900
     batch_size: int = 128
     lr: float = 1e-3
     # Cap on training images, for quick runs; 0 means all.
@@ -228,6 +231,7 @@ class Oracle:
     def validate(self, key: str) -> None:
         _check(len(self.widths) >= 1 and all(w >= 1 for w in self.widths), f"{key}.widths", self.widths,
                "a non-empty list of positive integers")
+        _check(self.min_steps >= 0, f"{key}.min_steps", self.min_steps, "an integer >= 0")
         _check(self.feature_dim >= 2, f"{key}.feature_dim", self.feature_dim, "an integer >= 2")
         _check(self.epochs >= 1, f"{key}.epochs", self.epochs, "an integer >= 1")
 
@@ -252,12 +256,16 @@ class Evaluate:
     # Timed runs of each of the explainer's batches (mean); the baseline's run once. The two
     # methods take turns batch by batch.
     timing_repeats: int = 3
+    # The oracle judges only if its accuracy on held-out images of the task's classes reaches
+    # this; below it every oracle-based metric is refused, with the figure.
+    oracle_gate: float = 0.9
 
     def validate(self, key: str) -> None:
         _check(self.baseline_queries >= 2, f"{key}.baseline_queries", self.baseline_queries, "an integer >= 2")
         _check(self.series_batch >= 1, f"{key}.series_batch", self.series_batch, "an integer >= 1")
         _check(self.timing_repeats >= 1, f"{key}.timing_repeats", self.timing_repeats, "an integer >= 1")
         _check(self.baseline_steps >= 1, f"{key}.baseline_steps", self.baseline_steps, "an integer >= 1")
+        _check(0 <= self.oracle_gate <= 1, f"{key}.oracle_gate", self.oracle_gate, "an accuracy in [0, 1]")
         _check(self.cout_steps >= 2, f"{key}.cout_steps", self.cout_steps, "an integer >= 2")
 
 

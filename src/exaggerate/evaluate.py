@@ -62,20 +62,39 @@ def real_reference_rows(table, split: str) -> tuple[list[str], np.ndarray]:
     return chosen["id"].tolist(), chosen["bin"].to_numpy(np.int64, copy=True)
 
 
+ORACLE_METRICS = ("oracle_agreement", "fid_oracle", "fid_oracle_pooled", "fid_oracle_counterfactuals", "sfid_oracle",
+                  "mnac", "cd", "tuning_objective")
+
+
+def oracle_refusal(oracle_metrics: dict, gate: float) -> Optional[str]:
+    """Why the oracle may not judge (its accuracy on held-out images of the task's classes is
+    below evaluate.oracle_gate), or None when it may."""
+    accuracy = oracle_metrics.get("task_accuracy")
+    if accuracy is None:
+        return "the oracle's metrics.json has no task_accuracy: rerun the train_oracle stage"
+    if accuracy < gate:
+        return (f"the oracle's accuracy on held-out images of the task's classes is {accuracy:.4f}, below "
+                f"evaluate.oracle_gate {gate:g}: a judge that weak would make these numbers meaningless")
+    return None
+
+
 class Evaluator:
     """Scores series (Q, N, C, H, W) against f, an independent oracle and real images.
 
-    real_images/real_bins: the reference set, each image in f's posterior bin."""
+    real_images/real_bins: the reference set, each image in f's posterior bin. oracle None: the
+    oracle failed its gate, and every oracle-based metric is left out (ORACLE_METRICS)."""
 
-    def __init__(self, f: BlackBox, oracle: Oracle, real_images: torch.Tensor, real_bins: np.ndarray, base: Base,
-                 device: torch.device):
+    def __init__(self, f: BlackBox, oracle: Optional[Oracle], real_images: torch.Tensor, real_bins: np.ndarray,
+                 base: Base, device: torch.device):
         self.f, self.oracle, self.base, self.device = f, oracle, base, device
         self.real_bins = real_bins
-        self.real_features = self._batched(oracle.features, real_images)
-        self.real_by_bin = M.group_by_bin(self.real_features, real_bins, base.num_bins)
-        self.target_index = oracle.index_of(base.target)
-        self.p_real = (self._batched(oracle.probabilities, real_images)[:, self.target_index]
-                       if self.target_index is not None else None)
+        self.real_features, self.real_by_bin, self.target_index, self.p_real = None, {}, None, None
+        if oracle is not None:
+            self.real_features = self._batched(oracle.features, real_images)
+            self.real_by_bin = M.group_by_bin(self.real_features, real_bins, base.num_bins)
+            self.target_index = oracle.index_of(base.target)
+            if self.target_index is not None:
+                self.p_real = self._batched(oracle.probabilities, real_images)[:, self.target_index]
 
     def _batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return M.batched(lambda t: fn(t.to(self.device)), x)
@@ -101,6 +120,9 @@ class Evaluator:
         out["flipped"] = M.flips(p_query, p_series)
         out["flip_rate"] = float(out["flipped"].mean())
         out["compatibility_curves"] = M.compatibility_curves(p_series, p_query)
+        out["p_series"] = p_series
+        if self.oracle is None:
+            return out
         out["features"] = self._batched(self.oracle.features, flat).reshape(q, n, -1)
         out["fid_oracle"], out["fid_oracle_per_bin"] = M.per_bin_fid(self.real_by_bin, out["features"])
         # All counterfactuals against all real images as they come (mostly at the two ends):
@@ -111,19 +133,20 @@ class Evaluator:
             p_target = out["oracle_probabilities"][:, self.target_index].reshape(q, n).numpy()
             out["oracle_agreement"] = M.oracle_agreement(p_target)
             out["oracle_curve"] = p_target.mean(0).tolist()  # the oracle's mean p(target) per target bin
-        out["p_series"] = p_series
         return out
 
     def full(self, name: str, series: torch.Tensor, queries: np.ndarray, p_query: np.ndarray,
              params: EvaluateParams, fid_weight: float, absent: dict) -> dict:
         """Every metric of one method's series for its queries; the reasons for absent ones go to `absent`."""
-        if self.oracle.kind != "multilabel":
+        judged = self.oracle is not None
+        if judged and self.oracle.kind != "multilabel":
             absent["mnac"] = absent["cd"] = "single-label dataset: MNAC and CD need a multi-attribute oracle (CelebA)"
         if self.base.dataset != "celeba":
             absent["fva"] = absent["fs"] = f"not a face dataset ({self.base.dataset})"
         out = self.core(series, p_query)
-        out["tuning_objective"] = M.scalar_objective(out["compatibility_mae"], out["fid_oracle"], fid_weight)
-        flipped, features, probs = out.pop("flipped"), out.pop("features"), out.pop("oracle_probabilities")
+        out["tuning_objective"] = (M.scalar_objective(out["compatibility_mae"], out["fid_oracle"], fid_weight)
+                                   if judged else None)
+        flipped, features, probs = out.pop("flipped"), out.pop("features", None), out.pop("oracle_probabilities", None)
         q, n = series.shape[:2]
         end = torch.from_numpy(M.far_end(p_query))
         ok = torch.from_numpy(flipped)
@@ -133,8 +156,9 @@ class Evaluator:
             out.update(fid_oracle_counterfactuals=None, sfid_oracle=None, cout=None)
             absent[f"{name}: counterfactual metrics"] = "fewer than 2 queries flipped their decision"
             return out
-        out.update(self._counterfactual_metrics(x[ok], x_cf[ok], features[torch.arange(q), end][ok], params, absent))
-        if self.oracle.kind == "multilabel" and self.target_index is not None:
+        cf_features = features[torch.arange(q), end][ok] if judged else None
+        out.update(self._counterfactual_metrics(x[ok], x_cf[ok], cf_features, params, absent))
+        if judged and self.oracle.kind == "multilabel" and self.target_index is not None:
             px = self._batched(self.oracle.probabilities, x[ok]).numpy()
             pcf = probs.reshape(q, n, -1)[torch.arange(q), end][ok].numpy()
             out["mnac"] = M.mnac(px, pcf, self.target_index)
@@ -146,13 +170,14 @@ class Evaluator:
                 absent["fva"] = absent["fs"] = why
         return out
 
-    def _counterfactual_metrics(self, x: torch.Tensor, x_cf: torch.Tensor, cf_features: torch.Tensor,
+    def _counterfactual_metrics(self, x: torch.Tensor, x_cf: torch.Tensor, cf_features: Optional[torch.Tensor],
                                 params: EvaluateParams, absent: dict) -> dict:
         """On successful counterfactuals (the far end of each flipped series) against their queries."""
-        x_features = self._batched(self.oracle.features, x)
-        out = {"fid_oracle_counterfactuals": M.frechet_distance(x_features, cf_features),
-               "sfid_oracle": M.split_fid(x_features, cf_features),
-               "cout": float(M.cout(lambda t: self.f(t.to(self.device)).cpu(), x, x_cf, params.cout_steps).mean())}
+        out = {"cout": float(M.cout(lambda t: self.f(t.to(self.device)).cpu(), x, x_cf, params.cout_steps).mean())}
+        if cf_features is not None:
+            x_features = self._batched(self.oracle.features, x)
+            out["fid_oracle_counterfactuals"] = M.frechet_distance(x_features, cf_features)
+            out["sfid_oracle"] = M.split_fid(x_features, cf_features)
         out["fid_inception"], why = inception_fid(params.inception_weights, x, x_cf)
         if why:
             absent["fid_inception"] = why
@@ -231,7 +256,7 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
     """The explainer's stored series and, on the first evaluate.baseline_queries queries, the
     explainer and the baseline generating theirs in the same process, timed in turns."""
     from .baseline import pixel_search
-    from .inference import explain_series
+    from .inference import explain_series, series
 
     base, params, probes = cfg.base, cfg.evaluate, cfg.explain.probes
     nq = min(params.baseline_queries, len(data["ids"]))
@@ -258,10 +283,17 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
         results[name] = evaluator.full(name, s, d["queries"], d["p_query"], params, cfg.tune.fid_weight, absent)
         results[name]["seconds_per_series"] = seconds["baseline" if name == "baseline" else "explainer"]
     x_all = torch.from_numpy(data["queries"])
+    # The paper's series beside the calibrated one: calibration consults f, so the calibrated
+    # series' compatibility with f partly grades itself.
+    paper = torch.cat([series(g, x_all[i:i + params.batch_size].to(device), base.num_bins).cpu()
+                       for i in range(0, len(x_all), params.batch_size)])
+    results["explainer_paper_series"] = evaluator.full("explainer_paper_series", paper, data["queries"],
+                                                       data["p_query"], params, cfg.tune.fid_weight, absent)
     results["explainer"]["reconstruction_l1"] = float(np.abs(data["recon"] - data["queries"]).mean())
     results["explainer"]["cycle_l1"] = cycle_l1(g, x_all, torch.from_numpy(data["source_bin"]).long(),
                                                 base.num_bins, params.batch_size, device)
     absent["baseline: reconstruction_l1, cycle_l1"] = "the baseline has no generator to cycle through"
-    for k in sorted(set(range(base.num_bins)) - set(evaluator.real_by_bin)):
-        absent[f"fid_oracle_per_bin[{k}]"] = f"fewer than 2 real {cfg.explain.split} images in bin {k}"
+    if evaluator.oracle is not None:
+        for k in sorted(set(range(base.num_bins)) - set(evaluator.real_by_bin)):
+            absent[f"fid_oracle_per_bin[{k}]"] = f"fewer than 2 real {cfg.explain.split} images in bin {k}"
     return {"results": results, "absent": absent, "subset": sub, "series": out}

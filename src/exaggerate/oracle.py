@@ -7,6 +7,7 @@ f's own. Its penultimate features are the default FID feature space ("fid_oracle
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -98,7 +99,15 @@ def _split(ds: ImageDataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 
+def oracle_epochs(params: OracleParams, train_images: int) -> int:
+    """oracle.epochs, or more when that many epochs would not reach oracle.min_steps."""
+    steps_per_epoch = max(1, math.ceil(train_images / params.batch_size))
+    return max(params.epochs, math.ceil(params.min_steps / steps_per_epoch))
+
+
 def train_oracle(base: Base, params: OracleParams, out_dir: str | Path, tracker: Tracker = Tracker()) -> dict:
+    """Train the oracle on all classes (attributes) and report its accuracy on held-out images:
+    overall, and on the task's classes, which decides whether it may judge (evaluate.oracle_gate)."""
     out_dir = Path(out_dir)
     device = resolve_device(base.device)
     seed = base.seed + ORACLE_SEED_OFFSET
@@ -108,14 +117,35 @@ def train_oracle(base: Base, params: OracleParams, out_dir: str | Path, tracker:
     if params.max_train and len(train_idx) > params.max_train:
         train_idx = np.sort(np.random.default_rng(seed).choice(train_idx, params.max_train, replace=False))
     net = OracleNet(base.channels, list(params.widths), params.feature_dim, len(names)).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=params.lr)
     y_all = torch.from_numpy(np.asarray(targets))
+    epochs = oracle_epochs(params, len(train_idx))
+    _fit(net, ds, y_all, train_idx, kind, params, epochs, seed, device)
+    oracle = Oracle(net.eval(), names, kind)
+    with torch.no_grad():
+        p = torch.cat([oracle.probabilities(ds.images(test_idx[i:i + 512]).to(device)).cpu()
+                       for i in range(0, len(test_idx), 512)])
+    metrics = {"test_accuracy": _accuracy(p, y_all[test_idx], kind), "kind": kind, "classes": names,
+               "epochs": epochs, "train_images": int(len(train_idx)), "test_images": int(len(test_idx)),
+               **task_accuracy(p, y_all[test_idx], names, kind, base)}
+    save_torch(out_dir / "oracle.pt", {"widths": list(params.widths), "feature_dim": params.feature_dim,
+                                       "channels": base.channels, "image_size": base.image_size,
+                                       "names": names, "kind": kind, "state_dict": net.state_dict()})
+    write_json(out_dir / "metrics.json", metrics)
+    tracker.metrics({"oracle_test_accuracy": metrics["test_accuracy"], "oracle_task_accuracy": metrics["task_accuracy"]})
+    print(f"oracle ({kind}, {len(names)} outputs, {epochs} epochs): test accuracy {metrics['test_accuracy']:.4f}, "
+          f"on the task's classes {metrics['task_accuracy']:.4f} ({metrics['task_images']} images)")
+    return metrics
+
+
+def _fit(net: OracleNet, ds: ImageDataset, y_all: torch.Tensor, train_idx: np.ndarray, kind: str,
+         params: OracleParams, epochs: int, seed: int, device: torch.device) -> None:
+    opt = torch.optim.Adam(net.parameters(), lr=params.lr)
     train_set = torch.utils.data.TensorDataset(torch.from_numpy(train_idx))
-    for epoch in range(params.epochs):
+    for epoch in range(epochs):
         g = torch.Generator().manual_seed(seed + epoch)
         loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
         net.train()
-        bar = progress(loader, desc=f"oracle epoch {epoch + 1}/{params.epochs}", leave=False)
+        bar = progress(loader, desc=f"oracle epoch {epoch + 1}/{epochs}", leave=False)
         for (idx,) in bar:
             x = ds.images(idx.numpy()).to(device)
             y = y_all[idx].to(device)
@@ -126,28 +156,32 @@ def train_oracle(base: Base, params: OracleParams, out_dir: str | Path, tracker:
             loss.backward()
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    net.eval()
-    oracle = Oracle(net, names, kind)
-    correct, total = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(test_idx), 512):
-            idx = test_idx[start:start + 512]
-            p = oracle.probabilities(ds.images(idx).to(device)).cpu()
-            y = y_all[idx]
-            if kind == "multiclass":
-                correct += (p.argmax(1) == y).float().sum().item()
-            else:
-                correct += ((p >= 0.5).float() == y).float().mean(1).sum().item()
-            total += len(idx)
-    metrics = {"test_accuracy": correct / max(total, 1), "kind": kind, "classes": names,
-               "train_images": int(len(train_idx)), "test_images": int(len(test_idx))}
-    save_torch(out_dir / "oracle.pt", {"widths": list(params.widths), "feature_dim": params.feature_dim,
-                                       "channels": base.channels, "image_size": base.image_size,
-                                       "names": names, "kind": kind, "state_dict": net.state_dict()})
-    write_json(out_dir / "metrics.json", metrics)
-    tracker.metrics({"oracle_test_accuracy": metrics["test_accuracy"]})
-    print(f"oracle ({kind}, {len(names)} outputs): test accuracy {metrics['test_accuracy']:.4f}")
-    return metrics
+
+
+def _accuracy(p: torch.Tensor, y: torch.Tensor, kind: str) -> float:
+    """Share of correct classes (multiclass), or of correct attribute decisions (multilabel)."""
+    if not len(y):
+        return 0.0
+    if kind == "multiclass":
+        return (p.argmax(1) == y).sum().item() / len(y)
+    return ((p >= 0.5).float() == y).double().mean(1).sum().item() / len(y)
+
+
+def task_accuracy(p: torch.Tensor, y: torch.Tensor, names: list[str], kind: str, base: Base) -> dict:
+    """The oracle's accuracy on the explained decision, on held-out images of the task's
+    classes: the target against base.negatives (against all other classes when empty), by the
+    largest probability among those classes; for attributes, the target attribute at 0.5."""
+    target = names.index(base.target)
+    if kind == "multilabel":
+        return {"task_accuracy": ((p[:, target] >= 0.5).float() == y[:, target]).sum().item() / max(len(y), 1),
+                "task_images": int(len(y)), "task_classes": [base.target]}
+    classes = [base.target, *base.negatives] if base.negatives else list(names)
+    columns = torch.tensor([names.index(c) for c in classes])
+    mine = torch.isin(y, columns)
+    decided = columns[p[mine][:, columns].argmax(1)] == target
+    correct = int((decided == (y[mine] == target)).sum())
+    return {"task_accuracy": correct / max(int(mine.sum()), 1), "task_images": int(mine.sum()),
+            "task_classes": classes}
 
 
 def load_oracle(path: str | Path, base: Base) -> Oracle:

@@ -32,6 +32,7 @@ def results_table(summary: dict) -> str:
     def fmt(v):
         return "absent" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
     cols = [("explainer", f"explainer ({summary['queries']} queries)"),
+            ("explainer_paper_series", f"explainer, the paper's series ({summary['queries']} queries)"),
             ("explainer_on_baseline_queries", f"explainer ({summary['baseline_queries']} queries)"),
             ("baseline", f"baseline ({summary['baseline_queries']} queries)")]
     lines = ["| metric | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -52,7 +53,12 @@ def results_table(summary: dict) -> str:
                      "and each bin weighted equally (a series set holds one image per bin), give oracle "
                      f"agreement {real['oracle_agreement']:.4f}: what real data reaches under this oracle.")
     if summary.get("oracle_test_accuracy") is not None:
-        lines.append(f"Oracle test accuracy: {summary['oracle_test_accuracy']:.4f}.")
+        lines.append(f"Oracle test accuracy: {summary['oracle_test_accuracy']:.4f} over all classes.")
+    if summary.get("oracle_task_accuracy") is not None:
+        verdict = "passed" if summary["oracle_task_accuracy"] >= summary["oracle_gate"] else \
+            "FAILED: oracle-based metrics refused"
+        lines.append(f"Oracle accuracy on held-out images of the task's classes: {summary['oracle_task_accuracy']:.4f} "
+                     f"(gate evaluate.oracle_gate {summary['oracle_gate']:g}: {verdict}).")
     if summary["absent"]:
         lines.append("")
         lines.append("Absent metrics:")
@@ -64,8 +70,8 @@ def write_report(out_dir: Path, summary: dict, compared: dict, base: Base, track
     """metrics.json, results.md and the figures, also logged to the stage's MLflow run."""
     write_json(out_dir / "metrics.json", summary)
     write_text(out_dir / "results.md", results_table(summary))
-    tracker.metrics({f"{m}_{k}": v for m in ("explainer", "baseline") for k, v in summary[m].items()
-                     if isinstance(v, float)})
+    tracker.metrics({f"{m}_{k}": v for m in ("explainer", "explainer_paper_series", "baseline")
+                     for k, v in summary[m].items() if isinstance(v, float)})
     tracker.metrics({"speedup": summary["speedup_explainer_vs_baseline"] or 0.0})
     tracker.artifact(out_dir / "results.md")
     figures(out_dir, summary, compared, base, tracker)
@@ -118,7 +124,9 @@ def oracle_figure(out_dir: Path, summary: dict, base: Base, tracker: Tracker) ->
             ax.plot(*zip(*kept), marker="s", markersize=3, color="black",
                     label=f"real {real['split']} images in f's bins: {real['oracle_agreement']:.2f}")
     else:  # the file dvc.yaml declares is still written, saying why it is empty
-        ax.text(0.5, 0.5, f"the oracle has no output for {base.target!r}", ha="center", va="center")
+        why = (f"the oracle has no output for {base.target!r}" if summary.get("oracle_task_accuracy") is None or
+               summary["oracle_task_accuracy"] >= summary["oracle_gate"] else "the oracle failed its accuracy gate")
+        ax.text(0.5, 0.5, why, ha="center", va="center")
     ax.set_xlabel("target bin centre (real images: f's bin)")
     ax.set_ylabel(f"oracle's mean p({base.target})")
     ax.set_title("does an independent classifier see the change?", fontsize=10)
@@ -150,7 +158,8 @@ def comparison_figure(out_dir: Path, compared: dict, n: int, tracker: Tracker) -
     plots.close(fig)
 
 
-def summarise(compared: dict, reference: dict, split: str, oracle_accuracy, probes: int) -> dict:
+def summarise(compared: dict, reference: dict, split: str, oracle_metrics: dict, oracle_gate: float,
+              probes: int) -> dict:
     """metrics.json: both methods' metrics, the speed-up, the real-image reference and what is absent."""
     results = compared["results"]
     t_explainer = results["explainer"]["seconds_per_series"]
@@ -159,7 +168,8 @@ def summarise(compared: dict, reference: dict, split: str, oracle_accuracy, prob
         "queries": int(len(results["explainer"]["p_series"])),
         "baseline_queries": int(len(results["baseline"]["p_series"])),
         "speedup_explainer_vs_baseline": t_baseline / t_explainer if t_explainer > 0 else None,
-        "oracle_test_accuracy": oracle_accuracy,
+        "oracle_test_accuracy": oracle_metrics["test_accuracy"],
+        "oracle_task_accuracy": oracle_metrics.get("task_accuracy"), "oracle_gate": oracle_gate,
         "real_images": {"split": split, **reference},
         **{name: {k: v for k, v in r.items() if k != "p_series"} for name, r in results.items()},
         "absent": compared["absent"],

@@ -127,7 +127,7 @@ def train_oracle(cfg: Config, paths: dict = PATHS) -> None:
 
 
 def evaluate(cfg: Config, paths: dict = PATHS) -> dict:
-    from .evaluate import Evaluator, compare_methods, load_series, real_reference_rows
+    from .evaluate import ORACLE_METRICS, Evaluator, compare_methods, load_series, oracle_refusal, real_reference_rows
     from .io import read_json
     from .oracle import load_oracle
     from .posteriors import read_table
@@ -142,11 +142,18 @@ def evaluate(cfg: Config, paths: dict = PATHS) -> dict:
     oracle = load_oracle(Path(paths["train_oracle"]) / "oracle.pt", base).to(device)
     data = load_series(Path(paths["explain"]) / "series.npz", dataset, f, base.num_bins, base.image_size, device)
     ids, real_bins = real_reference_rows(read_table(Path(paths["posteriors"]) / "posteriors.csv"), split)
-    evaluator = Evaluator(f, oracle, dataset.images(dataset.index_of(ids)), real_bins, base, device)
+    oracle_metrics = read_json(Path(paths["train_oracle"]) / "metrics.json")
+    refused = oracle_refusal(oracle_metrics, cfg.evaluate.oracle_gate)
+    if refused:
+        print(f"evaluate: oracle-based metrics refused: {refused}")
+    evaluator = Evaluator(f, None if refused else oracle, dataset.images(dataset.index_of(ids)), real_bins, base,
+                          device)
     with stage_run("evaluation", "evaluate", cfg, ("base", "evaluate", "explain")) as tracker:
         compared = compare_methods(g, f, data, evaluator, cfg, device)
-        oracle_accuracy = read_json(Path(paths["train_oracle"]) / "metrics.json")["test_accuracy"]
-        summary = summarise(compared, evaluator.reference(), split, oracle_accuracy, cfg.explain.probes)
+        if refused:
+            compared["absent"]["oracle-based metrics (" + ", ".join(ORACLE_METRICS) + ")"] = refused
+        summary = summarise(compared, evaluator.reference(), split, oracle_metrics, cfg.evaluate.oracle_gate,
+                            cfg.explain.probes)
         write_report(out, summary, compared, base, tracker)
     print(results_table(summary))
     return summary

@@ -26,7 +26,7 @@ import yaml
 
 from . import metrics as M
 from .config import Config, config_from_dict
-from .io import save_figure, write_json, write_text
+from .io import read_json, save_figure, write_json, write_text
 from .tracking import tracking_uri
 
 RESULTS = Path("results") / "tune"
@@ -83,7 +83,7 @@ class Scorer:
     def __init__(self, cfg: Config, paths: dict, device: torch.device):
         from .classifier import load_classifier
         from .datasets import open_dataset
-        from .evaluate import Evaluator, real_reference_rows
+        from .evaluate import EvaluationError, Evaluator, oracle_refusal, real_reference_rows
         from .oracle import load_oracle
         from .posteriors import read_explainer_inputs, read_table
         from .series import choose_queries
@@ -93,6 +93,9 @@ class Scorer:
         self.dataset = open_dataset(cfg.base)
         self.splits = read_splits(Path(paths["prepare"]) / "splits.json", self.dataset)
         self.f = load_classifier(paths["train_classifier"], cfg.base).to(device)
+        refused = oracle_refusal(read_json(Path(paths["train_oracle"]) / "metrics.json"), cfg.evaluate.oracle_gate)
+        if refused:
+            raise EvaluationError(f"tuning scores validation series with the oracle, but {refused}")
         oracle = load_oracle(Path(paths["train_oracle"]) / "oracle.pt", cfg.base).to(device)
         self.indices, self.bins = read_explainer_inputs(Path(paths["bin"]) / "explainer_inputs.csv", self.dataset,
                                                         cfg.base.num_bins)
