@@ -186,30 +186,67 @@ def test_metrics_show_lists_stage_metrics(project, env):
     assert "outputs/classifier/metrics.json" in out and "compatibility_mae" in out
 
 
-def test_mlflow_runs_are_recorded(project, env):
+def _pipeline_runs(env):
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["exaggerate-classifier", "exaggerate-explainer",
-                                                "exaggerate-evaluation"], output_format="list")
-    stages = {r.data.tags["dvc_stage"] for r in runs}
-    assert stages >= {"train_classifier", "posteriors", "bin", "train_explainer", "explain", "train_oracle",
-                      "evaluate"}
-    clf = next(r for r in runs if r.data.tags["dvc_stage"] == "train_classifier")
+    runs = mlflow.search_runs(experiment_names=["exaggerate"], output_format="list")
+    parents = [r for r in runs if "exaggerate.pipeline" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_mlflow_runs_are_recorded(project, env):
+    import mlflow
+
+    parents, children = _pipeline_runs(env)
+    # One parent run for the pipeline execution, the eight stages' runs nested under it.
+    assert len(parents) == 1
+    parent = parents[0]
+    stages = {r.data.tags["dvc_stage"]: r for r in children if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
+    assert set(stages) == {"train_classifier", "posteriors", "bin", "train_explainer", "explain", "train_oracle",
+                           "evaluate"}
+    assert len(parent.data.tags["git_commit"]) >= 40 and parent.data.tags["dvc_experiment"] == "workspace"
+    assert parent.data.params["explainer.steps"] == "6"  # every parameter, for the UI's comparison table
+    # The headline metrics on the parent, equal to evaluate's.
+    import json
+    m = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    assert parent.data.metrics["mae"] == pytest.approx(m["explainer"]["compatibility_mae"])
+    assert parent.data.metrics["speedup"] == pytest.approx(m["speedup_explainer_vs_baseline"])
+    assert {"monotone", "oracle_agreement", "fid_oracle", "reconstruction_l1"} <= set(parent.data.metrics)
+    clf = stages["train_classifier"]
     assert {"train_loss", "val_loss", "val_roc_auc", "test_roc_auc", "test_brier"} <= set(clf.data.metrics)
     assert clf.data.params["classifier.epochs"] == "1"
-    assert len(clf.data.tags["git_commit"]) >= 40
     client = mlflow.MlflowClient()
     assert {"reliability.png", "val_grid.png", "params.yaml"} <= {a.path for a in client.list_artifacts(clf.info.run_id)}
-    gan = next(r for r in runs if r.data.tags["dvc_stage"] == "train_explainer")
+    gan = stages["train_explainer"]
     assert {"d_adversarial", "d_total", "g_adversarial", "g_classifier", "g_classifier_cycle", "g_cycle",
             "g_embedding", "g_reconstruction", "g_total"} <= set(gan.data.metrics)
     series = {a.path for a in client.list_artifacts(gan.info.run_id, "series")}
     assert "series/step_00000003.png" in series and "series/step_00000006.png" in series
-    ev = next(r for r in runs if r.data.tags["dvc_stage"] == "evaluate")
+    ev = stages["evaluate"]
     assert {"explainer_compatibility_mae", "baseline_compatibility_mae", "speedup"} <= set(ev.data.metrics)
     assert {"results.md", "compatibility.png", "series_comparison.png"} <= {
         a.path for a in client.list_artifacts(ev.info.run_id)}
+
+
+def test_a_rerun_stage_joins_its_pipeline_and_an_experiment_gets_its_own(project, env, tmp_path):
+    work = tmp_path / "exp"
+    shutil.copytree(project, work)
+    e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run([str(BIN / "exaggerate"), "stage", "evaluate"], work, e)
+    run([str(BIN / "exaggerate"), "stage", "evaluate"], work, e)
+    parents, children = _pipeline_runs(e)
+    assert len(parents) == 1 and len(children) == 2  # the same code and params: the same parent
+    # An experiment reruns two stages; dvc.lock is rewritten between them, and both join one parent.
+    out = run(["dvc", "exp", "run", "-n", "fewer", "-S", "explain.num_queries=10"], work, e)
+    assert ran_stages(out.stdout) == {"explain", "evaluate"}
+    parents, children = _pipeline_runs(e)
+    exp = [p for p in parents if p.data.tags["dvc_experiment"] == "fewer"]
+    assert len(parents) == 2 and len(exp) == 1 and exp[0].data.params["explain.num_queries"] == "10"
+    assert sorted(c.data.tags["dvc_stage"] for c in children
+                  if c.data.tags["mlflow.parentRunId"] == exp[0].info.run_id) == ["evaluate", "explain"]
+    assert "mae" in exp[0].data.metrics
 
 
 def test_evaluation_outputs(project):

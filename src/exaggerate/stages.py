@@ -59,7 +59,7 @@ def train_classifier(cfg: Config, paths: dict = PATHS) -> None:
 
     dataset, splits = _dataset_and_splits(cfg, paths)
     out, external = Path(paths["train_classifier"]), cfg.classifier.external
-    with stage_run("classifier", "train_classifier", cfg, ("base", "prepare", "classifier")) as tracker:
+    with stage_run("train_classifier", cfg, ("base", "prepare", "classifier")) as tracker:
         if external is not None and external.path:
             print(f"classifier.external.path is set: using {external.path}, no training")
             f = install_external(external, cfg.base, out)
@@ -75,7 +75,7 @@ def posteriors(cfg: Config, paths: dict = PATHS) -> None:
     from .tracking import stage_run
 
     dataset, splits = _dataset_and_splits(cfg, paths)
-    with stage_run("classifier", "posteriors", cfg, ("base", "posteriors")) as tracker:
+    with stage_run("posteriors", cfg, ("base", "posteriors")) as tracker:
         summary = posterior_stage(_classifier(cfg, paths), dataset, splits, cfg.base, cfg.posteriors.batch_size,
                                   Path(paths["posteriors"]), tracker)
     for split, s in summary.items():
@@ -90,7 +90,7 @@ def bin(cfg: Config, paths: dict = PATHS) -> None:  # noqa: A001 - the stage's n
     dataset = open_dataset(cfg.base)
     rows = read_table(Path(paths["posteriors"]) / "posteriors.csv",
                       (*POSTERIOR_COLUMNS, f"label_{dataset.label_names[0]}"))
-    with stage_run("classifier", "bin", cfg, ("base", "bin")) as tracker:
+    with stage_run("bin", cfg, ("base", "bin")) as tracker:
         m = bin_stage(rows, dataset.label_names[0], cfg.base, cfg.bin, Path(paths["bin"]), tracker)
     print(f"explainer inputs: {m['images']} images; ECE before {m['before']['ece']:.4f}, "
           f"after {m['after']['ece']:.4f}; selected per bin {[b['selected'] for b in m['bins']]}")
@@ -104,7 +104,7 @@ def train_explainer(cfg: Config, paths: dict = PATHS) -> None:
     dataset, splits = _dataset_and_splits(cfg, paths)
     f = _classifier(cfg, paths)
     indices, bins = read_explainer_inputs(Path(paths["bin"]) / "explainer_inputs.csv", dataset, cfg.base.num_bins)
-    with stage_run("explainer", "train_explainer", cfg, ("base", "explainer")) as tracker:
+    with stage_run("train_explainer", cfg, ("base", "explainer")) as tracker:
         fit(dataset, indices, bins, splits["val"], f, cfg.base, cfg.explainer, Path(paths["train_explainer"]), tracker)
 
 
@@ -113,7 +113,7 @@ def explain(cfg: Config, paths: dict = PATHS) -> None:
     from .tracking import stage_run
 
     dataset, splits = _dataset_and_splits(cfg, paths)
-    with stage_run("explainer", "explain", cfg, ("base", "explain")) as tracker:
+    with stage_run("explain", cfg, ("base", "explain")) as tracker:
         explain_stage(dataset, splits[cfg.explain.split], _classifier(cfg, paths), _generator(cfg, paths),
                       cfg.base, cfg.explain, Path(paths["explain"]), tracker)
 
@@ -122,7 +122,7 @@ def train_oracle(cfg: Config, paths: dict = PATHS) -> None:
     from .oracle import train_oracle as train
     from .tracking import stage_run
 
-    with stage_run("evaluation", "train_oracle", cfg, ("base", "oracle")) as tracker:
+    with stage_run("train_oracle", cfg, ("base", "oracle")) as tracker:
         train(cfg.base, cfg.oracle, Path(paths["train_oracle"]), tracker)
 
 
@@ -132,7 +132,7 @@ def evaluate(cfg: Config, paths: dict = PATHS) -> dict:
     from .oracle import load_oracle
     from .posteriors import read_table
     from .report import results_table, summarise, write_report
-    from .tracking import stage_run
+    from .tracking import log_headline, stage_run
     from .utils import channels_last
 
     base, split, device, out = cfg.base, cfg.explain.split, resolve_device(cfg.base.device), Path(paths["evaluate"])
@@ -148,13 +148,16 @@ def evaluate(cfg: Config, paths: dict = PATHS) -> dict:
         print(f"evaluate: oracle-based metrics refused: {refused}")
     evaluator = Evaluator(f, None if refused else oracle, dataset.images(dataset.index_of(ids)), real_bins, base,
                           device)
-    with stage_run("evaluation", "evaluate", cfg, ("base", "evaluate", "explain")) as tracker:
+    with stage_run("evaluate", cfg, ("base", "evaluate", "explain")) as tracker:
         compared = compare_methods(g, f, data, evaluator, cfg, device)
         if refused:
             compared["absent"]["oracle-based metrics (" + ", ".join(ORACLE_METRICS) + ")"] = refused
         summary = summarise(compared, evaluator.reference(), split, oracle_metrics, cfg.evaluate.oracle_gate,
                             cfg.explain.probes)
         write_report(out, summary, compared, base, tracker)
+        if tracker.parent_run_id:
+            log_headline(tracker.parent_run_id, {f"explainer_{k}": v for k, v in summary["explainer"].items()}
+                         | {"speedup": summary["speedup_explainer_vs_baseline"]})
     print(results_table(summary))
     return summary
 

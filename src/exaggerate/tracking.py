@@ -1,12 +1,15 @@
 """MLflow wiring shared by every stage.
 
-Library functions take a `Tracker`; the stage wrappers pass an `MlflowTracker` (one
-experiment per stage kind, runs tagged with the git commit, the DVC stage and the resolved
-params), tests and notebooks may pass the silent `Tracker()`.
+Library functions take a `Tracker`; the stage wrappers pass an `MlflowTracker`, tests and
+notebooks may pass the silent `Tracker()`. Every stage run is nested under one parent run per
+pipeline execution (same commit, DVC experiment and parameters) in experiment "exaggerate";
+the parent carries the tags, all parameters and the headline metrics.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import subprocess
 import tempfile
@@ -22,6 +25,7 @@ class Tracker:
     """Does nothing; the interface the library logs through."""
 
     run_id: Optional[str] = None
+    parent_run_id: Optional[str] = None
 
     def metrics(self, values: dict[str, float], step: Optional[int] = None) -> None:
         pass
@@ -78,21 +82,80 @@ def git_commit(cwd: str | Path = ".") -> str:
     return commit
 
 
+EXPERIMENT = "exaggerate"
+# What evaluate puts on the pipeline's parent run, so that the UI compares executions in one table.
+HEADLINE = {"explainer_compatibility_mae": "mae", "explainer_monotonic_share": "monotone",
+            "explainer_oracle_agreement": "oracle_agreement", "explainer_fid_oracle": "fid_oracle",
+            "explainer_reconstruction_l1": "reconstruction_l1", "speedup": "speedup"}
+
+
+def dvc_experiment() -> str:
+    """The DVC experiment being run (DVC sets DVC_EXP_NAME during `dvc exp run`), else "workspace"."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
+def code_digest() -> str:
+    """A digest of this package's source: what the runs' code is, committed or not."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def pipeline_key(config: Config, commit: str, code: str, experiment: str) -> str:
+    """One pipeline execution: the commit, the package's code, the DVC experiment and the
+    parameters. Every stage of one `dvc repro` or `dvc exp run` computes the same key (the
+    outputs and dvc.lock that the stages rewrite on the way are left out), and so does a stage
+    rerun alone under the same code and parameters."""
+    text = json.dumps({"commit": commit.removesuffix("-dirty"), "code": code, "experiment": experiment,
+                       "params": config.to_dict()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pipeline_parent(mlflow, config: Config) -> str:
+    """The run id of this pipeline execution's parent run, created on first use."""
+    commit, code, experiment = git_commit(), code_digest(), dvc_experiment()
+    key = pipeline_key(config, commit, code, experiment)
+    found = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", max_results=1,
+                               filter_string=f"tags.`exaggerate.pipeline` = '{key}'")
+    if found:
+        return found[0].info.run_id
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    with mlflow.start_run(run_name=f"pipeline {experiment} @ {commit[:12]}") as run:
+        mlflow.set_tags({"exaggerate.pipeline": key, "git_commit": commit, "code_digest": code,
+                         "dvc_experiment": experiment, **({"dvc_baseline": baseline} if baseline else {})})
+        mlflow.log_params({k: str(v) for k, v in flatten(config.to_dict()).items()})
+    return run.info.run_id
+
+
+def log_headline(run_id: str, metrics: dict[str, float]) -> None:
+    """The headline metrics (HEADLINE) on the pipeline's parent run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for name, short in HEADLINE.items():
+        if metrics.get(name) is not None:
+            client.log_metric(run_id, short, float(metrics[name]))
+
+
 @contextlib.contextmanager
-def stage_run(kind: str, stage: str, config: Config, sections: tuple[str, ...]) -> Iterator[MlflowTracker]:
-    """An MLflow run in experiment `exaggerate-<kind>` for one DVC stage."""
+def stage_run(stage: str, config: Config, sections: tuple[str, ...]) -> Iterator[MlflowTracker]:
+    """An MLflow run for one DVC stage, nested under its pipeline execution's parent run in
+    experiment "exaggerate", tagged with the git commit, the DVC stage and experiment."""
     import mlflow
     import yaml
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(f"exaggerate-{kind}")
+    mlflow.set_experiment(EXPERIMENT)
+    parent = pipeline_parent(mlflow, config)
     resolved = {s: config.to_dict()[s] for s in sections}
-    with mlflow.start_run(run_name=stage) as run:
-        mlflow.set_tags({"git_commit": git_commit(), "dvc_stage": stage,
-                         "exaggerate.kind": kind})
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent) as run:
+        mlflow.set_tags({"git_commit": git_commit(), "dvc_stage": stage, "dvc_experiment": dvc_experiment()})
         mlflow.log_params({k: str(v) for k, v in flatten(resolved).items()})
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "params.yaml"
             p.write_text(yaml.safe_dump(resolved, sort_keys=False))
             mlflow.log_artifact(str(p))
-        yield MlflowTracker(mlflow, run)
+        tracker = MlflowTracker(mlflow, run)
+        tracker.parent_run_id = parent
+        yield tracker
