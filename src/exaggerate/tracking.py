@@ -69,13 +69,16 @@ def tracking_uri() -> str:
 
 
 def git_commit(cwd: str | Path = ".") -> str:
+    """HEAD's commit, with "-dirty" when tracked files other than the pipeline's own products
+    (dvc.lock, outputs/, which the stages rewrite as they run) differ from it."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     commit = out.stdout.strip() if out.returncode == 0 else "unknown"
     if commit != "unknown":
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)dvc.lock", ":(exclude)outputs"], cwd=cwd,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         if dirty:
             commit += "-dirty"
