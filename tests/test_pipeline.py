@@ -92,11 +92,16 @@ def make_project(root: Path, env: dict, params: dict) -> Path:
     return root
 
 
+def project_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{root.parent / 'project-mlflow.db'}"
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, env) -> Path:
     """The tiny project after a full `dvc repro`."""
     root = make_project(tmp_path_factory.mktemp("project"), env, tiny_params())
-    out = run(["dvc", "repro"], root, env)
+    # The pipeline's own MLflow store: runs that other tests make elsewhere never mix with it.
+    out = run(["dvc", "repro"], root, {**env, "MLFLOW_TRACKING_URI": project_tracking_uri(root)})
     assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain",
                                       "train_oracle", "evaluate"}
     run(["git", "add", "-A"], root, env)
@@ -135,6 +140,7 @@ def test_pipeline_runs_on_a_users_own_classifier(tmp_path, env, kind):
     params["classifier"]["external"] = {"path": str(model), "output_index": 1, "input_size": 48, "channels": 3,
                                         "value_range": [0.0, 1.0], "output": "logit"}
     (tmp_path / "project").mkdir()
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # not the project's runs
     root = make_project(tmp_path / "project", env, params)
     out = run(["dvc", "repro", "explain"], root, env)
     assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain"}
@@ -199,7 +205,7 @@ def _pipeline_runs(env):
 def test_mlflow_runs_are_recorded(project, env):
     import mlflow
 
-    parents, children = _pipeline_runs(env)
+    parents, children = _pipeline_runs({**env, "MLFLOW_TRACKING_URI": project_tracking_uri(project)})
     # One parent run for the pipeline execution, the eight stages' runs nested under it.
     assert len(parents) == 1
     parent = parents[0]
@@ -381,6 +387,7 @@ def test_killed_training_resumes_from_last_checkpoint(project, env, tmp_path):
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["explainer"].update(steps=100000, checkpoint_every=3, image_every=100000, log_every=1)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # not the project's runs
     proc = subprocess.Popen([str(BIN / "exaggerate"), "stage", "train_explainer"], cwd=work, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = lambda: sorted(work.glob("outputs/explainer/checkpoints/*/step-*.pt"))  # noqa: E731
