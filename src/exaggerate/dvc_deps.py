@@ -4,8 +4,8 @@
 imports at its top) and the stage's function in stages.py, whose imports are made inside it or
 inside the stages.py helpers it calls. A stage's code is the import closure of all those,
 counting every import a module makes anywhere (at its top or inside a function): a superset of
-what a run executes, never less. `python -m exaggerate.dvc_deps --check` compares dvc.yaml with
-it; `--write` rewrites the code lines of each stage's deps.
+what a run executes, never less. `python -m exaggerate.dvc_deps` compares dvc.yaml with it
+(exit 1 on a difference); `--write` rewrites the code lines of each stage's deps first.
 """
 from __future__ import annotations
 
