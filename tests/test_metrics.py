@@ -57,6 +57,30 @@ def _corner_f(x):
     return torch.sigmoid(50 * x[:, 0, 0, 0])
 
 
+def test_kid_matches_the_unbiased_mmd_written_out_and_is_unbiased_for_equal_distributions():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g) + 0.5
+
+    def k(a, b):
+        return (float(a @ b) / 4 + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(6) for j in range(6) if i != j) / 30
+    yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
+    xy = sum(k(x[i], y[j]) for i in range(6) for j in range(5)) / 30
+    assert M.kernel_distance(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-6)
+    assert M.kernel_distance(x[:1], y) is None
+    # Small samples from one distribution: the estimates centre on 0 (FID's would all be > 0).
+    same = [M.kernel_distance(torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g)) for _ in range(200)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
+    shifted = M.kernel_distance(torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g) + 1)
+    assert shifted > np.max(same)
+    real_by_bin = {0: torch.randn(30, 8, generator=g), 2: torch.randn(30, 8, generator=g) + 1}
+    fake = torch.stack([torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g),
+                        torch.randn(30, 8, generator=g)], dim=1)
+    mean, per_bin = M.per_bin_kid(real_by_bin, fake)
+    assert per_bin["1"] is None and per_bin["2"] > per_bin["0"]
+    assert mean == pytest.approx((per_bin["0"] + per_bin["2"]) / 2)
+
+
 def test_cout_of_a_full_flip_is_about_one_and_of_no_change_minus_one():
     x = torch.full((2, 1, 8, 8), -0.2)
     x[:, 0, 0, 0] = -1

@@ -43,6 +43,26 @@ def _sweep(args) -> int:
     return 0
 
 
+def _benchmark(args) -> int:
+    from .benchmark import run_benchmark
+
+    return run_benchmark(args.spec, tuple(args.dvc_args))
+
+
+def _benchmark_stage(args) -> int:
+    from .benchmark import stage
+
+    stage(args.kind, args.name, args.seed, args.spec)
+    return 0
+
+
+def _make_digits(args) -> int:
+    from .benchmark import write_digits
+
+    write_digits(args.out)
+    return 0
+
+
 def _show_params(args) -> int:
     import yaml
 
@@ -94,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     p.add_argument("--steps", type=int, default=None, help="override explainer.steps for every run")
     p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("benchmark", help="the multi-task benchmark: write benchmark/dvc.yaml from "
+                       "benchmark/params.yaml and run it with dvc repro")
+    p.add_argument("--spec", default="benchmark/params.yaml", help="the benchmark's tasks, seeds and split")
+    p.add_argument("dvc_args", nargs="*", metavar="DVC_ARG",
+                   help="passed on to dvc repro after `--` (e.g. -- --keep-going)")
+    p.set_defaults(func=_benchmark)
+
+    p = sub.add_parser("benchmark-stage", help="one benchmark stage (benchmark/dvc.yaml calls this)")
+    p.add_argument("kind", choices=["oracle", "upstream", "run", "report"])
+    p.add_argument("name", nargs="?", default="", help="the oracle or task")
+    p.add_argument("seed", nargs="?", type=int, default=None, help="the explainer seed (run)")
+    p.add_argument("--spec", default="benchmark/params.yaml")
+    p.set_defaults(func=_benchmark_stage)
+
+    p = sub.add_parser("make-digits", help="write scikit-learn's handwritten digits as an image folder")
+    p.add_argument("out", help="folder to write (one sub-folder per digit)")
+    p.set_defaults(func=_make_digits)
 
     p = sub.add_parser("params", help="print the validated, fully resolved parameters")
     p.add_argument("--params", default="params.yaml")

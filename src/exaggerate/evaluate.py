@@ -62,8 +62,8 @@ def real_reference_rows(table, split: str) -> tuple[list[str], np.ndarray]:
     return chosen["id"].tolist(), chosen["bin"].to_numpy(np.int64, copy=True)
 
 
-ORACLE_METRICS = ("oracle_agreement", "fid_oracle", "fid_oracle_pooled", "fid_oracle_counterfactuals", "sfid_oracle",
-                  "mnac", "cd", "tuning_objective")
+ORACLE_METRICS = ("oracle_agreement", "fid_oracle", "kid_oracle", "fid_oracle_pooled", "fid_oracle_counterfactuals",
+                  "sfid_oracle", "mnac", "cd", "tuning_objective")
 
 
 def oracle_refusal(oracle_metrics: dict, gate: float) -> Optional[str]:
@@ -125,6 +125,7 @@ class Evaluator:
             return out
         out["features"] = self._batched(self.oracle.features, flat).reshape(q, n, -1)
         out["fid_oracle"], out["fid_oracle_per_bin"] = M.per_bin_fid(self.real_by_bin, out["features"])
+        out["kid_oracle"], out["kid_oracle_per_bin"] = M.per_bin_kid(self.real_by_bin, out["features"])
         # All counterfactuals against all real images as they come (mostly at the two ends):
         # it favours series that stay close to their queries, so it is not the headline.
         out["fid_oracle_pooled"] = M.frechet_distance(self.real_features, out["features"].flatten(0, 1))
@@ -238,6 +239,24 @@ def time_in_turns(methods: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor
             {name: t / len(x) for name, t in spent.items()})
 
 
+def fastest_of(explainer: Callable, baseline: Callable, x: torch.Tensor, batches: list[int],
+               repeats: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """Both methods' series of x (from the first batch size) and their seconds per series at
+    each number of queries per call: each method's speed is then its own fastest. Each batch
+    size starts with one untimed call of each method, since the first call with new shapes pays
+    one-off set-up (oneDNN kernels, allocations) that is not the cost of a series. `baseline`
+    takes the number of steps as its second argument (2 for that warm-up)."""
+    out, by_batch = None, {"explainer": {}, "baseline": {}}
+    for b in batches:
+        explainer(x[:b])
+        baseline(x[:b], 2)
+        series_b, seconds = time_in_turns({"explainer": (explainer, repeats), "baseline": (baseline, repeats)}, x, b)
+        out = out or series_b
+        for name, t in seconds.items():
+            by_batch[name][str(b)] = t
+    return out, by_batch
+
+
 @torch.no_grad()
 def cycle_l1(g, x: torch.Tensor, source: torch.Tensor, num_bins: int, batch_size: int, device) -> float:
     """Mean L1 of G(G(x, c'), c_x) - x over all target bins c'."""
@@ -262,7 +281,6 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
     nq = min(params.baseline_queries, len(data["ids"]))
     sub = {k: v[:nq] for k, v in data.items()}
     x_sub = torch.from_numpy(sub["queries"]).to(device)
-    step = params.series_batch
 
     def explainer(xb):
         return explain_series(g, f, xb, base.num_bins, probes)[0]
@@ -270,18 +288,16 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
     def baseline(xb, steps=params.baseline_steps):
         return pixel_search(f, xb, base.num_bins, steps, params.baseline_lr, params.baseline_lambda,
                             params.baseline_tolerance)
-    # One untimed call of each on the first batch: the first call with new shapes pays one-off
-    # set-up (oneDNN kernels, allocations), which is not the cost of a series.
-    explainer(x_sub[:step])
-    baseline(x_sub[:step], 2)
-    out, seconds = time_in_turns({"explainer": (explainer, params.timing_repeats), "baseline": (baseline, 1)},
-                                 x_sub, step)
+    out, by_batch = fastest_of(explainer, baseline, x_sub, params.series_batches, params.timing_repeats)
+    seconds = {name: min(t.values()) for name, t in by_batch.items()}
     absent: dict[str, str] = {}
     results = {}
     for name, s, d in (("explainer", torch.from_numpy(data["series"]), data),
                        ("explainer_on_baseline_queries", out["explainer"], sub), ("baseline", out["baseline"], sub)):
         results[name] = evaluator.full(name, s, d["queries"], d["p_query"], params, cfg.tune.fid_weight, absent)
-        results[name]["seconds_per_series"] = seconds["baseline" if name == "baseline" else "explainer"]
+        method = "baseline" if name == "baseline" else "explainer"
+        results[name]["seconds_per_series"] = seconds[method]
+        results[name]["seconds_per_series_by_batch"] = by_batch[method]
     x_all = torch.from_numpy(data["queries"])
     # The paper's series beside the calibrated one: calibration consults f, so the calibrated
     # series' compatibility with f partly grades itself.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import Base, Oracle as OracleParams
 from .datasets import DatasetError, ImageDataset, open_dataset
-from .io import ArtifactError, read_torch_file, save_torch, write_json
+from .io import ArtifactError, read_json, read_torch_file, save_torch, write_json
 from .tracking import Tracker
 from .utils import progress, resolve_device, seed_everything
 
@@ -200,3 +200,23 @@ def load_oracle(path: str | Path, base: Base) -> Oracle:
         raise ArtifactError(f"oracle {path}: its weights do not fit its recorded widths: {exc}") from exc
     return Oracle(net, state["names"], state["kind"])
 
+
+def judge_task(oracle_dir: str | Path, base: Base) -> dict:
+    """An oracle trained for one task (train_oracle) judged on another task of the same dataset:
+    its metrics.json with the task accuracy recomputed on the held-out images of base's classes.
+    The oracle trains on every class of the dataset, so tasks that share a dataset share it."""
+    oracle_dir = Path(oracle_dir)
+    metrics = read_json(oracle_dir / "metrics.json")
+    oracle = load_oracle(oracle_dir / "oracle.pt", base)
+    device = resolve_device(base.device)
+    oracle.net.to(device)
+    ds, targets, names, kind = oracle_data(base)
+    if names != oracle.names:
+        raise DatasetError(f"oracle {oracle_dir / 'oracle.pt'} was trained on classes {oracle.names}, "
+                           f"this task's dataset has {names}")
+    _, test_idx = _split(ds, base.seed + ORACLE_SEED_OFFSET)
+    with torch.no_grad():
+        p = torch.cat([oracle.probabilities(ds.images(test_idx[i:i + 512]).to(device)).cpu()
+                       for i in range(0, len(test_idx), 512)])
+    y = torch.from_numpy(np.asarray(targets))[test_idx]
+    return {**metrics, **task_accuracy(p, y, names, kind, base)}

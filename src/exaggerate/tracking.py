@@ -86,6 +86,13 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 
 EXPERIMENT = "exaggerate"
+# The benchmark's runs (one parent per task and seed, and the report) go to an experiment of
+# their own, so that the pipeline's table in the UI holds pipeline executions only.
+BENCHMARK_EXPERIMENT = "exaggerate-benchmark"
+
+
+def experiment_name() -> str:
+    return os.environ.get("EXAGGERATE_EXPERIMENT") or EXPERIMENT
 # What evaluate puts on the pipeline's parent run, so that the UI compares executions in one table.
 HEADLINE = {"explainer_compatibility_mae": "mae", "explainer_monotonic_share": "monotone",
             "explainer_oracle_agreement": "oracle_agreement", "explainer_fid_oracle": "fid_oracle",
@@ -119,12 +126,13 @@ def pipeline_parent(mlflow, config: Config) -> str:
     """The run id of this pipeline execution's parent run, created on first use."""
     commit, code, experiment = git_commit(), code_digest(), dvc_experiment()
     key = pipeline_key(config, commit, code, experiment)
-    found = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", max_results=1,
+    found = mlflow.search_runs(experiment_names=[experiment_name()], output_format="list", max_results=1,
                                filter_string=f"tags.`exaggerate.pipeline` = '{key}'")
     if found:
         return found[0].info.run_id
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
-    with mlflow.start_run(run_name=f"pipeline {experiment} @ {commit[:12]}") as run:
+    label = os.environ.get("EXAGGERATE_RUN_LABEL") or f"pipeline {experiment}"
+    with mlflow.start_run(run_name=f"{label} @ {commit[:12]}") as run:
         mlflow.set_tags({"exaggerate.pipeline": key, "git_commit": commit, "code_digest": code,
                          "dvc_experiment": experiment, **({"dvc_baseline": baseline} if baseline else {})})
         mlflow.log_params({k: str(v) for k, v in flatten(config.to_dict()).items()})
@@ -149,7 +157,7 @@ def stage_run(stage: str, config: Config, sections: tuple[str, ...]) -> Iterator
     import yaml
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    mlflow.set_experiment(experiment_name())
     parent = pipeline_parent(mlflow, config)
     resolved = {s: config.to_dict()[s] for s in sections}
     with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent) as run:
@@ -162,3 +170,17 @@ def stage_run(stage: str, config: Config, sections: tuple[str, ...]) -> Iterator
         tracker = MlflowTracker(mlflow, run)
         tracker.parent_run_id = parent
         yield tracker
+
+
+@contextlib.contextmanager
+def benchmark_run(split: str, seeds: list[int], tasks: list[str]) -> Iterator[MlflowTracker]:
+    """The benchmark report's MLflow run, in the benchmark's experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(BENCHMARK_EXPERIMENT)
+    with mlflow.start_run(run_name=f"benchmark report ({split}) @ {git_commit()[:12]}") as run:
+        mlflow.set_tags({"git_commit": git_commit(), "code_digest": code_digest(), "dvc_experiment": dvc_experiment(),
+                         "benchmark_split": split})
+        mlflow.log_params({"split": split, "seeds": str(seeds), "tasks": ",".join(tasks)})
+        yield MlflowTracker(mlflow, run)

@@ -1,0 +1,176 @@
+"""The multi-task benchmark: its spec, its DVC graph, the digits folder, and a tiny run end to end."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from exaggerate import benchmark as B
+from exaggerate.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage 'benchmark/dvc.yaml:(\w+)'", output))
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def spec_dict() -> dict:
+    return {
+        "split": "val", "seeds": [0, 1],
+        "oracles": {"fashion_mnist": {"data": "data/fashion-mnist"},
+                    "digits": {"data": "benchmark/data/digits",
+                               "base": {"dataset": "image_folder", "target": "8", "negatives": ["3"],
+                                        "resize": "resize"}}},
+        "tasks": {"boots": {"oracle": "fashion_mnist", "data": "data/fashion-mnist"},
+                  "boots_no_mixup": {"oracle": "fashion_mnist", "data": "data/fashion-mnist",
+                                     "classifier": {"mixup_alpha": 0.0}},
+                  "digits": {"oracle": "digits", "data": "benchmark/data/digits",
+                             "prepare": {"val_fraction": 0.2, "test_fraction": 0.2}}},
+    }
+
+
+def test_the_repository_spec_is_valid_and_its_dvc_yaml_is_the_one_it_writes(tmp_path):
+    spec = B.load_spec(REPO / "benchmark" / "params.yaml")
+    assert len(spec.tasks) >= 6 and len(spec.seeds) >= 2 and spec.split in ("val", "test")
+    text = B.HEADER + yaml.safe_dump(B.dvc_yaml(spec), sort_keys=False, width=120)
+    assert (REPO / "benchmark" / "dvc.yaml").read_text() == text, \
+        "benchmark/dvc.yaml is stale: run `python -m exaggerate.benchmark --write-dvc`"
+
+
+def test_tasks_override_params_over_their_oracle_and_runs_get_the_seed_and_split(tmp_path):
+    spec = B.load_spec(write_spec(tmp_path / "b.yaml", spec_dict()))
+    cfg = B.task_config(spec, "digits", seed=1, params_path=REPO / "params.yaml")
+    default = load_config(REPO / "params.yaml")
+    assert cfg.base.dataset == "image_folder" and cfg.base.data_root == "benchmark/data/digits"
+    assert cfg.base.target == "8" and cfg.base.resize == "resize" and cfg.prepare.val_fraction == 0.2
+    assert cfg.explainer.seed == 1 and cfg.explain.split == "val"
+    assert cfg.explainer.steps == default.explainer.steps  # untouched keys keep params.yaml's values
+    no_mixup = B.task_config(spec, "boots_no_mixup", params_path=REPO / "params.yaml")
+    assert no_mixup.classifier.mixup_alpha == 0.0 and no_mixup.base.target == default.base.target
+    assert B.paths_for(spec, "boots", 1)["train_oracle"] == B.paths_for(spec, "boots_no_mixup", 0)["train_oracle"]
+    assert B.paths_for(spec, "boots", 1)["prepare"] == B.paths_for(spec, "boots", 0)["prepare"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(split="train"), "split"),
+    (lambda s: s.update(seeds=[0, 0]), "seeds"),
+    (lambda s: s["tasks"]["boots"].update(oracle="nope"), "tasks.boots.oracle"),
+    (lambda s: s["tasks"]["boots"].pop("data"), "tasks.boots: missing key data"),
+    (lambda s: s["tasks"]["boots"].update(classifier={"epochz": 3}), "'epochz'"),
+    (lambda s: s["tasks"]["boots"].update(base={"image_size": 30}), "tasks.boots"),
+    (lambda s: s["tasks"].update({"a/b": {"oracle": "digits", "data": "x"}}), "'a/b'"),
+])
+def test_a_bad_spec_is_refused_naming_the_file_and_key(tmp_path, change, message):
+    s = spec_dict()
+    change(s)
+    path = write_spec(tmp_path / "b.yaml", s)
+    with pytest.raises(B.BenchmarkError) as err:
+        B.load_spec(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_dvc_graph_shares_upstream_per_task_and_the_oracle_per_dataset(tmp_path):
+    spec = B.load_spec(write_spec(tmp_path / "b.yaml", spec_dict()))
+    stages = B.dvc_yaml(spec)["stages"]
+    assert {n for n in stages if n.startswith("run_")} == {f"run_{t}_s{s}" for t in spec.tasks for s in (0, 1)}
+    assert {n for n in stages if n.startswith("oracle_")} == {"oracle_fashion_mnist", "oracle_digits"}
+    run = stages["run_boots_s1"]
+    assert "benchmark/runs/boots/classifier" in run["deps"]
+    assert "benchmark/oracles/fashion_mnist/oracle.pt" in run["deps"]
+    assert run["cmd"] == "exaggerate benchmark-stage run boots 1"
+    assert "digits" in stages and stages["digits"]["outs"] == ["benchmark/data/digits"]
+
+
+def test_the_digits_folder_holds_the_real_digits(tmp_path):
+    counts = B.write_digits(tmp_path / "digits")
+    assert sum(counts.values()) == 1797 and sorted(counts) == [str(d) for d in range(10)]
+    img = np.asarray(Image.open(tmp_path / "digits" / "8" / sorted(p.name for p in (tmp_path / "digits" / "8").iterdir())[0]))
+    assert img.shape == (8, 8) and img.dtype == np.uint8 and img.max() > 200 and img.min() == 0
+    B.write_digits(tmp_path / "digits")  # rewriting replaces the folder whole
+    assert len(list((tmp_path / "digits" / "8").iterdir())) == counts["8"]
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary folder left behind
+
+
+def test_the_report_takes_mean_and_range_over_seeds_and_checks_each_task(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    spec = B.load_spec(write_spec(tmp_path / "b.yaml", spec_dict()))
+    for seed, mae in ((0, 0.02), (1, 0.04)):
+        m = {"explainer": {"compatibility_mae": mae, "monotonic_share": 1.0, "oracle_agreement": 0.8,
+                           "fid_oracle": 5.0, "reconstruction_l1": 0.06},
+             "baseline": {"fid_oracle": 9.0}, "real_images": {"oracle_agreement": 0.85},
+             "speedup_explainer_vs_baseline": 150.0, "oracle_task_accuracy": 0.95}
+        path = B.run_dir("boots", seed) / "evaluate" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(m))
+    summary = B.summarise(spec)
+    boots = summary["tasks"]["boots"]
+    assert boots["seeds"] == [0, 1]
+    assert boots["metrics"]["mae"] == {"mean": pytest.approx(0.03), "min": 0.02, "max": 0.04, "n": 2}
+    assert boots["checks"]["MAE <= 0.05"] is True and boots["checks"]["recon L1 <= 0.05"] is False
+    assert boots["checks"]["agreement >= 0.9 x real"] is True and boots["checks"]["speed-up >= 100x"] is True
+    assert summary["tasks"]["digits"]["seeds"] == [] and summary["tasks"]["digits"]["checks"]["MAE <= 0.05"] is None
+    text = B.table(summary)
+    assert "| boots | 2 | 0.030 [0.020, 0.040] |" in text and "| digits | 0 | absent |" in text
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_through_dvc_and_reruns_only_what_a_change_reaches(tmp_path_factory):
+    from test_pipeline import make_project, run, tiny_params
+    import os
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    env.update(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_COMMITTER_NAME="t",
+               GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_EMAIL="t@example.invalid")
+    root = make_project(tmp_path_factory.mktemp("bench"), env, tiny_params())
+    s = spec_dict()
+    del s["tasks"]["boots_no_mixup"]
+    s["tasks"]["digits"]["classifier"] = {"epochs": 3}
+    write_spec(root / "benchmark" / "params.yaml", s)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "benchmark spec"], root, env)
+    out = run(["exaggerate", "benchmark"], root, env)
+    assert ran_stages(out.stdout) == {"digits", "oracle_fashion_mnist", "oracle_digits", "upstream_boots",
+                                      "upstream_digits", "run_boots_s0", "run_boots_s1", "run_digits_s0",
+                                      "run_digits_s1", "report"}
+    report = (root / "benchmark" / "report" / "report.md").read_text()
+    assert "| boots | 2 |" in report and "| digits | 2 |" in report
+    summary = json.loads((root / "benchmark" / "report" / "summary.json").read_text())
+    for task in ("boots", "digits"):
+        mae = summary["tasks"][task]["metrics"]["mae"]
+        assert mae["n"] == 2 and 0 <= mae["min"] <= mae["max"] <= 1
+        assert (root / "benchmark" / "report" / "grids" / f"{task}.png").is_file()
+    judged = json.loads((root / "benchmark" / "runs" / "digits" / "s0" / "oracle.json").read_text())
+    assert judged["task_classes"] == ["8", "3"] and judged["task_images"] > 0
+    # Seeds of one task share its classifier; the seeds' explainers differ.
+    g0, g1 = (root / "benchmark" / "runs" / "boots" / f"s{k}" / "explainer" / "generator.pt" for k in (0, 1))
+    assert g0.read_bytes() != g1.read_bytes()
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "benchmark run"], root, env)
+    # A change to one task's overrides reruns that task and the report, nothing else.
+    s["tasks"]["digits"]["classifier"] = {"epochs": 2}
+    write_spec(root / "benchmark" / "params.yaml", s)
+    out = run(["exaggerate", "benchmark"], root, env)
+    assert ran_stages(out.stdout) == {"upstream_digits", "run_digits_s0", "run_digits_s1", "report"}
+    # A bad spec stops with the file and key named, before DVC runs anything.
+    s["tasks"]["digits"]["oracle"] = "mnist"
+    write_spec(root / "benchmark" / "params.yaml", s)
+    out = run(["exaggerate", "benchmark"], root, env, check=False)
+    assert out.returncode == 2 and "tasks.digits.oracle" in out.stderr and "Traceback" not in out.stderr
+    shutil.rmtree(root / "benchmark" / "runs")
