@@ -50,3 +50,13 @@ mkdir -p data/fashion-mnist
 for f in "$debian_dir"/*-ubyte.gz; do
   [ -f "data/fashion-mnist/$(basename "$f")" ] || cp "$f" data/fashion-mnist/
 done
+
+# The tests drive the explorer page in Debian's headless Chromium.
+if [[ ",${extras}," == *",test,"* ]] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
+  else
+    echo "setup: the browser test needs Debian's chromium and chromium-driver (as root: apt-get install" \
+      "chromium chromium-driver); without them it is skipped" >&2
+  fi
+fi

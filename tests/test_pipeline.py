@@ -103,7 +103,7 @@ def project(tmp_path_factory, env) -> Path:
     # The pipeline's own MLflow store: runs that other tests make elsewhere never mix with it.
     out = run(["dvc", "repro"], root, {**env, "MLFLOW_TRACKING_URI": project_tracking_uri(root)})
     assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain",
-                                      "train_oracle", "evaluate"}
+                                      "train_oracle", "evaluate", "register"}
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "pipeline run"], root, env)
     return root
@@ -211,7 +211,7 @@ def test_mlflow_runs_are_recorded(project, env):
     parent = parents[0]
     stages = {r.data.tags["dvc_stage"]: r for r in children if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
     assert set(stages) == {"train_classifier", "posteriors", "bin", "train_explainer", "explain", "train_oracle",
-                           "evaluate"}
+                           "evaluate", "register"}
     assert len(parent.data.tags["git_commit"]) >= 40 and parent.data.tags["dvc_experiment"] == "workspace"
     assert parent.data.params["explainer.steps"] == "6"  # every parameter, for the UI's comparison table
     # The headline metrics on the parent, equal to evaluate's.
@@ -246,12 +246,12 @@ def test_a_rerun_stage_joins_its_pipeline_and_an_experiment_gets_its_own(project
     assert len(parents) == 1 and len(children) == 2  # the same code and params: the same parent
     # An experiment reruns two stages; dvc.lock is rewritten between them, and both join one parent.
     out = run(["dvc", "exp", "run", "-n", "fewer", "-S", "explain.num_queries=10"], work, e)
-    assert ran_stages(out.stdout) == {"explain", "evaluate"}
+    assert ran_stages(out.stdout) == {"explain", "evaluate", "register"}
     parents, children = _pipeline_runs(e)
     exp = [p for p in parents if p.data.tags["dvc_experiment"] == "fewer"]
     assert len(parents) == 2 and len(exp) == 1 and exp[0].data.params["explain.num_queries"] == "10"
     assert sorted(c.data.tags["dvc_stage"] for c in children
-                  if c.data.tags["mlflow.parentRunId"] == exp[0].info.run_id) == ["evaluate", "explain"]
+                  if c.data.tags["mlflow.parentRunId"] == exp[0].info.run_id) == ["evaluate", "explain", "register"]
     assert "mae" in exp[0].data.metrics
 
 
@@ -328,7 +328,7 @@ def test_changing_one_stage_parameter_reruns_it_and_descendants_only(project, en
     params["bin"]["per_bin"] = 40
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], work, env)
-    assert ran_stages(out.stdout) == {"bin", "train_explainer", "explain", "evaluate"}
+    assert ran_stages(out.stdout) == {"bin", "train_explainer", "explain", "evaluate", "register"}
 
 
 @pytest.fixture
@@ -454,9 +454,11 @@ def test_explain_command_on_user_files(project, env, tmp_path):
     assert bad.returncode == 2 and "tiny.png: image is 5x5 pixels" in bad.stderr
 
 
-def test_notebooks_execute_against_the_run(project, env):
+def test_notebooks_execute_against_the_run(project, env, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project_tracking_uri(project))  # the kernel's: the run's registry
 
     notebooks = sorted((REPO / "notebooks").glob("*.ipynb"))
     assert notebooks
@@ -705,3 +707,240 @@ def test_failing_trial_is_recorded_and_study_goes_on(project, env, monkeypatch, 
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL][0]
     assert "became nan at step 3" in failed.user_attrs["fail_reason"]
     assert "became nan" in (tmp_path / "out" / "trials.csv").read_text()
+
+
+# ----------------------------------------------------------------------------- registry, serving, explorer
+
+def _registered(project) -> dict:
+    import json
+
+    return json.loads((project / "outputs/register/models.json").read_text())
+
+
+def _example_pngs(project, count: int = 3) -> list[bytes]:
+    """Real test images of the project's data, as the PNG files a user would send."""
+    from exaggerate.config import load_config
+    from exaggerate.datasets import open_dataset
+    from exaggerate.models import example_images
+    from exaggerate.splits import read_splits
+
+    base = load_config(project / "params.yaml").base
+    base = type(base)(**{**base.__dict__, "data_root": str(project / base.data_root)})
+    ds = open_dataset(base)
+    test = read_splits(project / "outputs/prepare/splits.json", ds)["test"]
+    return [b for _, b in example_images(ds, test[:count])]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args} exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"{url} did not answer within {timeout} s")
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_pipeline_registers_both_models_with_signature_and_tags(project):
+    import mlflow
+
+    mlflow.set_tracking_uri(project_tracking_uri(project))
+    client = mlflow.MlflowClient()
+    reg = _registered(project)
+    for key in ("classifier", "explainer"):
+        v = client.get_model_version(reg[key]["name"], reg[key]["version"])
+        assert len(v.tags["git_commit"]) >= 40 and v.tags["dvc_experiment"] == "workspace"
+        info = mlflow.models.get_model_info(reg[key]["uri"])
+        assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image"]
+        assert info.signature.params is not None and "convert" in [p.name for p in info.signature.params]
+    assert "metric.mae" in client.get_model_version(reg["explainer"]["name"], reg["explainer"]["version"]).tags
+    # Loaded from the registry the way a user would, the explainer gives the CLI's series.
+    import base64
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(reg["explainer"]["uri"])
+    pngs = _example_pngs(project, 2)
+    out = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in pngs]}))
+    assert len(out) == 2 and all(len(s) == 10 for s in out["series"])
+    classifier = mlflow.pyfunc.load_model(reg["classifier"]["uri"])
+    p = classifier.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in pngs]}))["p"]
+    assert list(p) == pytest.approx(list(out["p_query"]), abs=1e-5)
+
+
+def test_mlflow_models_serve_answers_with_series_and_clear_errors(project, env, tmp_path):
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    reg = _registered(project)
+    port = free_port()
+    e = {**env, "MLFLOW_TRACKING_URI": project_tracking_uri(project)}
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", reg["explainer"]["uri"], "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", proc)
+        url = f"http://127.0.0.1:{port}/invocations"
+        pngs = _example_pngs(project, 3)
+        files = []
+        for k, b in enumerate(pngs):
+            files.append(tmp_path / f"q{k}.png")
+            files[-1].write_bytes(b)
+
+        def frame(values, **extra):
+            return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}, **extra}).encode()
+        status, body = _post(url, frame([base64.b64encode(b).decode() for b in pngs]))
+        assert status == 200, body
+        rows = body["predictions"]
+        assert len(rows) == 3  # one series per image
+        # The served series are the ones `exaggerate explain` makes of the same files.
+        run([str(BIN / "exaggerate"), "explain", *map(str, files), "--out", str(tmp_path / "cli")], project, env)
+        cli = json.loads((tmp_path / "cli" / "posteriors.json").read_text())["images"]
+        for row, ref in zip(rows, cli):
+            assert len(row["series"]) == 10 and row["p_query"] == pytest.approx(ref["p"], abs=1e-5)
+            assert row["p_series"] == pytest.approx(ref["p_series"], abs=1e-4)
+            img = Image.open(io.BytesIO(base64.b64decode(row["series"][0])))
+            assert img.size == (32, 32)
+        # Bad requests: HTTP 400 with the reason, never a stack trace.
+        rgb = io.BytesIO()
+        Image.new("RGB", (28, 28), (200, 20, 20)).save(rgb, format="PNG")
+        for body_bytes, reason in ((frame([base64.b64encode(b"not an image").decode()]), "not an image file"),
+                                   (frame([]), "no image"),
+                                   (b"", "valid JSON"),
+                                   (frame([base64.b64encode(rgb.getvalue()).decode()]), "3 channels")):
+            status, body = _post(url, body_bytes)
+            assert status == 400 and reason in body["message"] and "Traceback" not in body["message"], body
+        status, body = _post(url, frame([base64.b64encode(rgb.getvalue()).decode()], params={"convert": True}))
+        assert status == 200 and len(body["predictions"]) == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    # A model version that does not exist: the server says so and stops.
+    out = run([str(BIN / "mlflow"), "models", "serve", "-m", "models:/exaggerate-explainer/99", "--env-manager",
+               "local", "-p", str(free_port())], project, e, check=False, timeout=120)
+    assert out.returncode != 0 and "not found" in (out.stdout + out.stderr).lower()
+
+
+def _chromium():
+    from shutil import which
+
+    binary, driver = which("chromium"), which("chromedriver")
+    if not binary or not driver:
+        why = "Debian's chromium and chromium-driver are not installed (scripts/setup.sh test installs them as root)"
+        if os.environ.get("EXAGGERATE_REQUIRE_BROWSER"):
+            pytest.fail(why)  # CI: the browser test must run
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1100,900"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_the_explorer_page_in_headless_chromium(project, env, tmp_path):
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = free_port()
+    e = {**env, "MLFLOW_TRACKING_URI": project_tracking_uri(project)}
+    # A version that does not exist: one line naming it, exit 2.
+    out = run([str(BIN / "exaggerate"), "explore", "--model", "models:/exaggerate-explainer/99"], project, e,
+              check=False, timeout=120)
+    assert out.returncode == 2 and "models:/exaggerate-explainer/99" in out.stderr and "not found" in out.stderr
+    assert "Traceback" not in out.stderr
+    proc = subprocess.Popen([str(BIN / "exaggerate"), "explore", "--port", str(port)], cwd=project, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = None
+    try:
+        base_url = f"http://127.0.0.1:{port}/"
+        _wait_http(base_url + "api/info", proc)
+        query = tmp_path / "query.png"
+        query.write_bytes(_example_pngs(project, 1)[0])
+        status, expected = _post(base_url + "api/explain",
+                                 json.dumps({"image": base64.b64encode(query.read_bytes()).decode()}).encode())
+        assert status == 200
+        for body_bytes, code, reason in ((b"", 400, "empty request"), (b"{not json", 400, "not JSON"),
+                                         (b'{"convert": true}', 400, "no image"),
+                                         (b"x" * (16 * 1024 * 1024 + 1), 413, "at most")):
+            status, body = _post(base_url + "api/explain", body_bytes)
+            assert status == code and reason in body["error"], body
+        driver = _chromium()
+        wait = WebDriverWait(driver, 60)
+        driver.get(base_url)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "loaded")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#examples img")) == 8
+        driver.find_element(By.ID, "upload").send_keys(str(query))
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+        slider = driver.find_element(By.ID, "slider")
+        assert int(slider.get_attribute("value")) == expected["source_bin"]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#strip img")) == 10
+        slider.send_keys(Keys.HOME)
+        shown = []
+        for k in range(10):  # the shown posterior follows the slider, bin by bin
+            assert int(slider.get_attribute("value")) == k
+            assert driver.find_element(By.ID, "bin").text == str(k)
+            shown.append(float(driver.find_element(By.ID, "posterior").text))
+            assert driver.find_element(By.ID, "exaggerated").get_attribute("src").endswith(expected["series"][k])
+            slider.send_keys(Keys.ARROW_RIGHT)
+        assert shown == pytest.approx(expected["p_series"], abs=6e-4)
+        artifacts = REPO / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        slider.send_keys(Keys.HOME)
+        for _ in range(7):
+            slider.send_keys(Keys.ARROW_RIGHT)
+        driver.save_screenshot(str(artifacts / "explorer.png"))
+        assert Image.open(artifacts / "explorer.png").size[0] > 500
+        # Bad uploads: a visible message, no series shown.
+        for name, data, reason in (("notes.txt", b"hello", "not an image file"),
+                                   ("colour.png", None, "3 channels")):
+            path = tmp_path / name
+            if data is None:
+                buf = io.BytesIO()
+                Image.new("RGB", (28, 28), (200, 20, 20)).save(buf, format="PNG")
+                data = buf.getvalue()
+            path.write_bytes(data)
+            driver.find_element(By.ID, "upload").send_keys(str(path))
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+            error = driver.find_element(By.ID, "error")
+            assert error.is_displayed() and reason in error.text and "Traceback" not in error.text
+            assert not driver.find_element(By.ID, "result").is_displayed()
+            driver.execute_script("document.body.dataset.state = 'loaded'")
+        driver.find_element(By.ID, "convert").click()  # with conversion the colour image is explained
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.terminate()
+        proc.wait(30)

@@ -63,6 +63,13 @@ def _make_digits(args) -> int:
     return 0
 
 
+def _explore(args) -> int:
+    from .explorer import serve
+
+    serve(args.model, args.host, args.port)
+    return 0
+
+
 def _show_params(args) -> int:
     import yaml
 
@@ -132,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-digits", help="write scikit-learn's handwritten digits as an image folder")
     p.add_argument("out", help="folder to write (one sub-folder per digit)")
     p.set_defaults(func=_make_digits)
+
+    p = sub.add_parser("explore", help="the explorer page over a registered explainer (pick or upload an image, "
+                       "drag over the bins)")
+    p.add_argument("--model", default=None,
+                   help="models:/<name>/<version> (default: the one outputs/register/models.json names)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8050)
+    p.set_defaults(func=_explore)
 
     p = sub.add_parser("params", help="print the validated, fully resolved parameters")
     p.add_argument("--params", default="params.yaml")

@@ -20,6 +20,7 @@ PATHS = {
     "explain": OUT / "explain",
     "train_oracle": OUT / "oracle",
     "evaluate": OUT / "evaluate",
+    "register": OUT / "register",
 }
 
 
@@ -163,9 +164,33 @@ def evaluate(cfg: Config, paths: dict = PATHS) -> dict:
     return summary
 
 
+def register(cfg: Config, paths: dict = PATHS) -> dict:
+    """The classifier and the explainer as MLflow models in the Model Registry, tagged with the
+    commit, the DVC experiment and the evaluation's headline figures."""
+    import os
+
+    from .io import read_json, write_json
+    from .models import register_models
+    from .tracking import HEADLINE, dvc_experiment, git_commit, stage_run
+
+    dataset, splits = _dataset_and_splits(cfg, paths)
+    summary = read_json(Path(paths["evaluate"]) / "metrics.json")
+    flat = {f"explainer_{k}": v for k, v in summary["explainer"].items()} | \
+        {"speedup": summary.get("speedup_explainer_vs_baseline")}
+    metrics = {short: flat.get(name) for name, short in HEADLINE.items()}
+    with stage_run("register", cfg, ("base", "explainer", "explain")) as tracker:
+        tags = {"git_commit": git_commit(), "dvc_experiment": dvc_experiment(),
+                "dvc_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""), "mlflow_pipeline_run": tracker.parent_run_id}
+        models = register_models(cfg, paths, dataset, splits["test"][:8], metrics, tags)
+        tracker.tags({f"registered_{k}": v["uri"] for k, v in models.items()})
+    write_json(Path(paths["register"]) / "models.json", models)
+    return models
+
+
 STAGES: dict[str, Callable[[Config, dict], object]] = {
     "prepare": prepare, "train_classifier": train_classifier, "posteriors": posteriors, "bin": bin,
     "train_explainer": train_explainer, "explain": explain, "train_oracle": train_oracle, "evaluate": evaluate,
+    "register": register,
 }
 
 
