@@ -1,9 +1,9 @@
 """Benchmark: seconds per series of the explainer and of the pixel-space baseline, at several
 queries per call, in one process on the same queries.
 
-The evaluate stage times both methods at one batch size (evaluate.series_batch). This script
-times each method at every batch size given and prints the ratio of each method at its own
-fastest, which is the comparison a user who tunes both would see. Batches of the two methods
+The evaluate stage times both methods at each of evaluate.series_batches and compares each at
+its own fastest. This script does the same over any batch sizes given, which is how the
+defaults of evaluate.series_batches were found. Batches of the two methods
 are timed alternately, so that a slow spell of a shared machine falls on both; the explainer's
 batch, about 100 times shorter, is repeated --repeats times (mean). Needs a trained run
 (outputs/classifier, outputs/explainer/generator.pt, outputs/explain/series.npz).

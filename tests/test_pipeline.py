@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -944,3 +946,99 @@ def test_the_explorer_page_in_headless_chromium(project, env, tmp_path):
             driver.quit()
         proc.terminate()
         proc.wait(30)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def _generator_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["generator"]
+
+
+def _two_process_copy(project, tmp_path, name: str, **explainer) -> Path:
+    work = tmp_path / name
+    shutil.copytree(project, work)
+    shutil.rmtree(work / "outputs/explainer")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["explainer"].update(processes=2, **explainer)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return work
+
+
+def test_two_gloo_processes_take_the_steps_of_one(project, env, tmp_path):
+    work = _two_process_copy(project, tmp_path, "ddp")
+    e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = run([str(BIN / "exaggerate"), "stage", "train_explainer"], work, e, timeout=600)
+    assert "2 processes" in out.stdout
+    one, two = _generator_state(project / "outputs/explainer/generator.pt"), \
+        _generator_state(work / "outputs/explainer/generator.pt")
+    assert one.keys() == two.keys()
+    # The same global batch (8) and seeds: the same weights as one process, up to float rounding
+    # (batch statistics and gradient means summed in another order). The biases of convolutions
+    # that feed a batch norm are the exception: their true gradient is zero (the norm removes
+    # them), so Adam turns rounding noise into steps of up to lr, and the running means follow.
+    def pre_norm_bias(k):
+        return k.endswith(".bias") and not k.startswith("out_") and ".bn" not in k
+    worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one
+                if "running" not in k and not pre_norm_bias(k))
+    assert worst < 1e-6, worst
+    from exaggerate.networks import Generator
+    g1, g2 = Generator(1, [8, 16], 10), Generator(1, [8, 16], 10)
+    g1.load_state_dict(one)
+    g2.load_state_dict(two)
+    x, c = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.arange(16) % 10
+    with torch.no_grad():
+        assert (g1.train()(x, c) - g2.train()(x, c)).abs().max() < 1e-5  # batch statistics: the function itself
+        assert (g1.eval()(x, c) - g2.eval()(x, c)).abs().max() < 1e-2   # running statistics: the biases' drift
+    # Rank 0 alone wrote the outputs and the MLflow run.
+    import mlflow
+    mlflow.set_tracking_uri(e["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["exaggerate"], output_format="list")
+    assert [r.data.tags.get("dvc_stage") for r in runs if "dvc_stage" in r.data.tags] == ["train_explainer"]
+
+
+def test_a_killed_two_process_run_resumes(project, env, tmp_path):
+    work = _two_process_copy(project, tmp_path, "ddp-kill", steps=40, checkpoint_every=4, image_every=100)
+    e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen([str(BIN / "exaggerate"), "stage", "train_explainer"], cwd=work, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((work / "outputs/explainer/checkpoints").glob("*/step-00000008.pt")):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait(30)
+    assert not (work / "outputs/explainer/generator.pt").exists()
+    out = run([str(BIN / "exaggerate"), "stage", "train_explainer"], work, e, timeout=600)
+    resumed = re.findall(r"resuming explainer training at step (\d+)", out.stdout + out.stderr)
+    assert resumed and int(resumed[0]) >= 8
+    metrics = json.loads((work / "outputs/explainer/metrics.json").read_text())
+    assert metrics["steps"] == 40 and metrics["steps_this_run"] == 40 - int(resumed[0])
+
+
+def test_two_gloo_processes_train_the_classifier_of_one(project, env, tmp_path):
+    work = tmp_path / "ddp-f"
+    shutil.copytree(project, work)
+    shutil.rmtree(work / "outputs/classifier")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["classifier"]["processes"] = 2
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = run([str(BIN / "exaggerate"), "stage", "train_classifier"], work, e, timeout=600)
+    assert "2 processes" in out.stdout and out.stdout.count("test ROC-AUC") == 1  # rank 0 reports
+    one = torch.load(project / "outputs/classifier/model.pt", weights_only=False)["state_dict"]
+    two = torch.load(work / "outputs/classifier/model.pt", weights_only=False)["state_dict"]
+    assert one.keys() == two.keys()
+    # DDP with batch statistics of the global batch and mixup drawn for it: the weights of one
+    # process with the same batches, up to float rounding (which Adam magnifies for weights whose
+    # gradients are near zero), and the same posteriors.
+    worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
+    assert worst < 2e-4, worst
+    from exaggerate.classifier import load_classifier
+    from exaggerate.config import load_config
+
+    base = load_config(project / "params.yaml").base
+    x = torch.from_numpy(np.load(project / "outputs/explain/series.npz")["queries"])
+    with torch.no_grad():
+        p1, p2 = load_classifier(project / "outputs/classifier", base)(x), load_classifier(
+            work / "outputs/classifier", base)(x)
+    assert (p1 - p2).abs().max() < 1e-5

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 MODES = ("none", "translation")
 
 
-def augment(x: torch.Tensor, mode: str, rng: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, mode: str, rng: torch.Generator, shards: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Shift each image of the batch by up to 1/8 of its size (border pixels repeated),
     differentiably in x. The offsets are drawn on the CPU from `rng` (checkpointed with the run),
-    one set per call; "none" returns x itself."""
+    one set per call; "none" returns x itself. shards = (rank, processes): x is this rank's
+    contiguous share of a global batch, and the offsets are drawn for the whole global batch and
+    this share taken, as one process would draw them."""
     if mode == "none":
         return x
     if mode != "translation":
@@ -19,7 +21,9 @@ def augment(x: torch.Tensor, mode: str, rng: torch.Generator) -> torch.Tensor:
     b, _, h, w = x.shape
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     pad = max(1, h // 8)
-    shift = torch.randint(-pad, pad + 1, (2, b, 1), generator=rng).to(x.device)
+    rank, processes = shards
+    shift = torch.randint(-pad, pad + 1, (2, b * processes, 1), generator=rng)[:, rank * b:(rank + 1) * b]
+    shift = shift.to(x.device)
     rows = (torch.arange(h, device=x.device) + pad + shift[0]).unsqueeze(2)  # (b, h, 1)
     cols = (torch.arange(w, device=x.device) + pad + shift[1]).unsqueeze(1)  # (b, 1, w)
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")

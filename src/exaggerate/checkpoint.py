@@ -18,7 +18,8 @@ from .io import ArtifactError, read_torch_file, save_torch
 from .networks import Discriminator, Generator
 
 # Settings that do not change what a run computes: a longer run continues a shorter one.
-_CADENCE = ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries", "seed")
+# Neither how long nor in how many processes: a run resumes from its checkpoints either way.
+_CADENCE = ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries", "seed", "processes")
 
 
 class CheckpointError(ArtifactError):

@@ -130,21 +130,32 @@ def _arch(params: ClassifierParams, base: Base, label_names: list[str]) -> dict:
 def train_classifier(dataset: ImageDataset, splits: dict[str, np.ndarray], base: Base,
                      params: ClassifierParams, out_dir: str | Path, tracker: Tracker = Tracker()) -> dict:
     """Train f on the train split, checkpoint every epoch (resumable), report on val and test."""
+    from .distributed import init, sync_batch_norm
+
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    device = resolve_device(base.device)
+    world, device = init(resolve_device(base.device))
     seed_everything(base.seed)
     label_names = dataset.label_names
     arch = _arch(params, base, label_names)
-    model = build_densenet(params, base.channels, len(label_names)).to(device)
+    model = build_densenet(params, base.channels, len(label_names))
+    if world.distributed:  # batch statistics of the global batch, gradients averaged by DDP
+        model = sync_batch_norm(model)
+    model = model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     ckpt_path = ckpt_dir / "last.pt"
     signature = _train_signature(params, base, dataset, splits)
     start_epoch, history = _resume(ckpt_path, arch, signature, model, optimiser, device)
     train_set = dataset.torch_dataset(splits["train"])
     val_loader = torch.utils.data.DataLoader(dataset.torch_dataset(splits["val"]), batch_size=256)
+    trained = model
+    if world.distributed:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     for epoch in range(start_epoch, params.epochs):
-        train_loss = _train_epoch(model, optimiser, train_set, params, base.seed, epoch, device)
+        train_loss = _train_epoch(trained, optimiser, train_set, params, base.seed, epoch, device, world)
+        if not world.is_main:  # rank 0 validates, checkpoints and reports
+            continue
         model.eval()
         logits, labels = predict(model, val_loader, device)
         val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels)))
@@ -159,6 +170,8 @@ def train_classifier(dataset: ImageDataset, splits: dict[str, np.ndarray], base:
                                "model": model.state_dict(), "optimiser": optimiser.state_dict(),
                                "history": history})
 
+    if not world.is_main:
+        return {}
     save_torch(out_dir / "model.pt", {"kind": "densenet", "arch": arch, "state_dict": model.state_dict()})
     write_json(out_dir / "classifier.json", {"kind": "densenet", **arch})
     f = load_classifier(out_dir, base)
@@ -182,18 +195,34 @@ def _resume(path: Path, arch: dict, signature: dict, model: nn.Module, optimiser
 
 
 def _train_epoch(model: nn.Module, optimiser, train_set, params: ClassifierParams, seed: int, epoch: int,
-                 device) -> float:
-    """One epoch over the training split; its mean loss."""
+                 device, world=None) -> float:
+    """One epoch over the training split; its mean loss. With several processes each draws the
+    same global batches and trains on its share (torch.tensor_split), its loss scaled so that
+    DDP's mean of the gradients is the gradient of the global batch's mean loss."""
     # One generator per epoch, seeded from (seed, epoch): a resumed run sees the same order.
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
     mix_rng = np.random.default_rng([seed, epoch, 1]) if params.mixup_alpha > 0 else None
     model.train()
     total, count = 0.0, 0
-    bar = progress_bar(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False)
+    distributed = world is not None and world.distributed
+    bar = progress_bar(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False,
+                       disable=distributed and not world.is_main)
     for x, y in bar:
         if mix_rng is not None:
             x, y = mixup(x, y, params.mixup_alpha, mix_rng)
+        if distributed:
+            n = len(x)
+            x, y = torch.tensor_split(x, world.size)[world.rank], torch.tensor_split(y, world.size)[world.rank]
+            x, y = x.to(device), y.to(device)
+            loss = F.binary_cross_entropy_with_logits(model(x), y, reduction="sum") * world.size / (n * y.shape[1])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * n / world.size  # this process's summed loss
+            count += len(x)
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+            continue
         x, y = x.to(device), y.to(device)
         loss = F.binary_cross_entropy_with_logits(model(x), y)
         optimiser.zero_grad(set_to_none=True)
@@ -220,6 +249,7 @@ def _train_signature(params: ClassifierParams, base: Base, dataset: ImageDataset
     d = asdict(params)
     d.pop("epochs")
     d.pop("grid_images")
+    d.pop("processes")  # a run resumes in any number of processes
     ids = hashlib.sha256("\n".join(dataset.ids[i] for i in splits["train"]).encode()).hexdigest()[:16]
     return {**d, "seed": base.seed, "train_ids": ids, "labels": list(dataset.label_names)}
 

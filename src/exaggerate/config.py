@@ -109,10 +109,14 @@ class Classifier:
     # Trains f to give graded posteriors between the classes instead of a step. 0 = off.
     mixup_alpha: float = 0.4
     grid_images: int = 16
+    # Training processes on this machine (torchrun, DistributedDataParallel; gloo on CPUs, NCCL
+    # on GPUs), each on its share of every batch.
+    processes: int = 1
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", self.epochs, "an integer >= 1")
         _check(self.mixup_alpha >= 0, f"{key}.mixup_alpha", self.mixup_alpha, "a number >= 0 (0 = off)")
+        _check(self.processes >= 1, f"{key}.processes", self.processes, "an integer >= 1")
         _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, f"{key}.lr", self.lr, "a number > 0")
         _check(len(self.block_config) >= 1 and all(b >= 1 for b in self.block_config),
@@ -177,8 +181,14 @@ class Explainer:
     # pixels repeated), so that D cannot memorise the few real images of the middle bins.
     # "none": the paper's D.
     augment: str = field(default="translation", metadata=_choices("none", "translation"))
+    # Training processes on this machine (torchrun; gloo on CPUs, NCCL on GPUs), each on its share
+    # of the global batch_size: the same steps as one process, up to float rounding.
+    processes: int = 1
 
     def validate(self, key: str) -> None:
+        _check(self.processes >= 1, f"{key}.processes", self.processes, "an integer >= 1")
+        _check(self.batch_size % self.processes == 0, f"{key}.batch_size", self.batch_size,
+               f"a multiple of {key}.processes ({self.processes}): each process trains on an equal share")
         for name in ("generator_widths", "discriminator_widths"):
             widths = getattr(self, name)
             _check(len(widths) >= 2 and all(w >= 1 for w in widths), f"{key}.{name}", widths,

@@ -3,6 +3,7 @@ inputs (the outputs of the stages before it), call the library, write outputs/<s
 (dvc.yaml declares exactly these paths) and log the run to MLflow."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,6 +68,8 @@ def train_classifier(cfg: Config, paths: dict = PATHS) -> None:
             metrics = report_classifier(f, dataset, splits, cfg.base, cfg.classifier, out, tracker)
         else:
             metrics = train(dataset, splits, cfg.base, cfg.classifier, out, tracker)
+    if not metrics:  # a torchrun process other than rank 0
+        return
     t = metrics["test"]
     print(f"test ROC-AUC {t['roc_auc']}, accuracy {t['accuracy']:.4f}, Brier {t['brier']:.4f}")
 
@@ -196,7 +199,18 @@ STAGES: dict[str, Callable[[Config, dict], object]] = {
 
 def run_stage(name: str, params_path: str = "params.yaml") -> None:
     cfg = load_config(params_path)
+    processes = {"train_explainer": cfg.explainer.processes, "train_classifier": cfg.classifier.processes}.get(name, 1)
+    if processes > 1:
+        from .distributed import launch, under_torchrun
+
+        if not under_torchrun():  # start this stage again in that many processes
+            launch(name, processes, params_path)
+            return
     set_threads(cfg.base.threads)
+    if cfg.base.threads == 0 and "LOCAL_WORLD_SIZE" in os.environ:  # share the cores among the processes
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     start = time.time()
     STAGES[name](cfg)
     print(f"stage {name} finished in {time.time() - start:.1f} s")

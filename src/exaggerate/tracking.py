@@ -156,6 +156,11 @@ def stage_run(stage: str, config: Config, sections: tuple[str, ...]) -> Iterator
     import mlflow
     import yaml
 
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 alone records the run
+        tracker = Tracker()
+        tracker.parent_run_id = None
+        yield tracker
+        return
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment_name())
     parent = pipeline_parent(mlflow, config)

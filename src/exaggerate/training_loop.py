@@ -20,6 +20,7 @@ from .checkpoint import (TrainState, build_networks, checkpoint_dir, inputs_dige
 from .classifier import BlackBox
 from .config import Base, Explainer as ExplainerParams
 from .datasets import ImageDataset
+from .distributed import World, average_gradients, barrier, init, shard, sync_batch_norm
 from .errors import ExaggerateError
 from .inference import series_figure
 from .io import save_figure, write_json
@@ -68,38 +69,47 @@ def grid_queries(dataset: ImageDataset, val_indices: np.ndarray, f: BlackBox, co
 
 
 def explainer_step(state: TrainState, loss: ExplainerLoss, x: torch.Tensor, c_x: torch.Tensor,
-                   n_critic: int, autocast: Callable) -> dict[str, float]:
-    """One iteration: a D update, and a G update every n_critic-th iteration. Returns each
-    term by name (d_/g_ prefixed, unweighted) and the weighted totals."""
+                   n_critic: int, autocast: Callable, world: World = World()) -> dict[str, float]:
+    """One iteration on the global batch (x, c_x): a D update, and a G update every n_critic-th
+    iteration; with several processes each trains on its share and the gradients are averaged.
+    Returns each term by name (d_/g_ prefixed, unweighted; this process's share) and the
+    weighted totals."""
     c_new = torch.randint(loss.num_bins, c_x.shape, generator=state.sampler_rng).to(x.device)
-    d_terms, d_total = _update(state.opt_d, loss.discriminator_terms, loss.discriminator_total, (x, c_x, c_new),
-                               autocast)
+    batch = (shard(x, world), shard(c_x, world), shard(c_new, world))
+    d_terms, d_total = _update(state.opt_d, loss.discriminator_terms, loss.discriminator_total, batch,
+                               autocast, world)
     logged = {**{f"d_{k}": v.item() for k, v in d_terms.items()}, "d_total": d_total.item()}
     if (state.step + 1) % n_critic == 0:
-        g_terms, g_total = _update(state.opt_g, loss.generator_terms, loss.generator_total, (x, c_x, c_new),
-                                   autocast)
+        g_terms, g_total = _update(state.opt_g, loss.generator_terms, loss.generator_total, batch,
+                                   autocast, world)
         logged.update({f"g_{k}": v.item() for k, v in g_terms.items()}, g_total=g_total.item())
     state.step += 1
     return logged
 
 
 def _update(optimiser: torch.optim.Optimizer, terms_of: Callable, total_of: Callable, batch: tuple,
-            autocast: Callable) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimiser step on the weighted sum of a network's loss terms."""
+            autocast: Callable, world: World = World()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimiser step on the weighted sum of a network's loss terms (gradients averaged
+    over the processes)."""
     with autocast():
         terms = terms_of(*batch)
         total = total_of(terms)
     optimiser.zero_grad(set_to_none=True)
     total.backward()
+    average_gradients((p for group in optimiser.param_groups for p in group["params"]), world)
     optimiser.step()
     return terms, total
 
 
-def new_state(base: Base, params: ExplainerParams, f: BlackBox, device: torch.device) -> TrainState:
-    """Networks initialised from the run's seed, their optimisers and the sampling stream."""
+def new_state(base: Base, params: ExplainerParams, f: BlackBox, device: torch.device,
+              world: World = World()) -> TrainState:
+    """Networks initialised from the run's seed (the same in every process), their optimisers and
+    the sampling stream."""
     seed = training_seed(base, params)
     seed_everything(seed)
     g, d = build_networks(base, params)
+    if world.distributed:  # batch statistics of the global batch
+        sync_batch_norm(g)
     g, d = g.to(device), d.to(device)
     # Before the optimisers see the parameters. f is changed in place (layout only, same values).
     channels_last(g, d, f, enabled=params.channels_last)
@@ -109,11 +119,15 @@ def new_state(base: Base, params: ExplainerParams, f: BlackBox, device: torch.de
                       sampler_rng=torch.Generator().manual_seed(seed))
 
 
-def resume(state: TrainState, root: Path, signature: dict, device: torch.device) -> Path:
-    """The run's checkpoint folder; the state continues from its latest checkpoint, if any."""
+def resume(state: TrainState, root: Path, signature: dict, device: torch.device,
+           world: World = World()) -> Path:
+    """The run's checkpoint folder; the state continues from its latest checkpoint, if any
+    (every process from the same one)."""
     folder = checkpoint_dir(root, signature)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "signature.json").write_text(json.dumps(signature, indent=2, sort_keys=True))
+    if world.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "signature.json").write_text(json.dumps(signature, indent=2, sort_keys=True))
+    barrier(world)
     last = latest_checkpoint(folder)
     if last is not None:
         load_checkpoint(last, state, signature, device)
@@ -125,8 +139,9 @@ class _Loop:
     """What happens between iterations: loss logging, checkpoints, training grids."""
 
     def __init__(self, state: TrainState, f: BlackBox, base: Base, params: ExplainerParams, folder: Path,
-                 signature: dict, x_grid: torch.Tensor, tracker: Tracker, on_checkpoint):
+                 signature: dict, x_grid: torch.Tensor, tracker: Tracker, on_checkpoint, world: World = World()):
         self.state, self.f, self.base, self.params, self.folder = state, f, base, params, folder
+        self.world = world
         self.signature, self.x_grid, self.tracker, self.on_checkpoint = signature, x_grid, tracker, on_checkpoint
         self.window: dict[str, list[float]] = {}
         self.last_good = latest_checkpoint(folder)
@@ -145,6 +160,8 @@ class _Loop:
             shown = ("d_total", "g_classifier", "g_cycle")
             bar.set_postfix({k: f"{means[k]:.3g}" for k in shown if k in means}, refresh=False)
             self.window = {}
+        if not self.world.is_main:  # rank 0 writes
+            return
         if step % p.checkpoint_every == 0 or step == p.steps:
             self.checkpoint(step)
         if step % p.image_every == 0 or step == p.steps:
@@ -169,28 +186,32 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
     """Train G and D, resuming from out_dir/checkpoints; writes generator.pt, series_grid.png and
     metrics.json. `on_checkpoint(step, g)` runs after each checkpoint (tuning scores there and
     may stop the run by raising)."""
-    device = resolve_device(base.device)
-    state = new_state(base, params, f, device)
+    world, device = init(resolve_device(base.device))
+    f = f.to(device)
+    state = new_state(base, params, f, device, world)
     signature = training_signature(base, params, inputs_digest(f, dataset, indices, bins))
-    folder = resume(state, out_dir / "checkpoints", signature, device)
+    folder = resume(state, out_dir / "checkpoints", signature, device, world)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if params.amp
                 else contextlib.nullcontext)
     loss = ExplainerLoss(state.g, state.d, f, base.num_bins,
                          LossWeights(params.lambda_gan, params.lambda_cyc, params.lambda_cls, params.lambda_rec),
-                         lambda img: augment(img, params.augment, state.sampler_rng))
+                         lambda img: augment(img, params.augment, state.sampler_rng, (world.rank, world.size)))
     sampler = PairSampler(dataset, indices, bins, params.batch_size, state.sampler_rng)
     x_grid = grid_queries(dataset, val_indices, f, params.grid_queries, device).to(device)
-    loop = _Loop(state, f, base, params, folder, signature, x_grid, tracker, on_checkpoint)
+    loop = _Loop(state, f, base, params, folder, signature, x_grid, tracker, on_checkpoint, world)
     start_time, start_step = time.time(), state.step
     state.g.train()
     state.d.train()
-    with progress(total=params.steps, initial=state.step, desc="explainer") as bar:
+    with progress(total=params.steps, initial=state.step, desc="explainer", disable=not world.is_main) as bar:
         while state.step < params.steps:
             x, c_x = sampler.sample()
-            loop.record(explainer_step(state, loss, x.to(device), c_x.to(device), params.n_critic, autocast), bar)
+            loop.record(explainer_step(state, loss, x.to(device), c_x.to(device), params.n_critic, autocast,
+                                       world), bar)
             bar.update(1)
-    return _finish(state, f, base, params, out_dir, x_grid, tracker, time.time() - start_time,
-                   state.step - start_step, len(indices))
+    elapsed = time.time() - start_time
+    if not world.is_main:
+        return {"steps": state.step}
+    return _finish(state, f, base, params, out_dir, x_grid, tracker, elapsed, state.step - start_step, len(indices))
 
 
 def _finish(state: TrainState, f: BlackBox, base: Base, params: ExplainerParams, out_dir: Path,
