@@ -91,3 +91,17 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("base: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_registered_models_parameters_load_with_keys_added_later(tmp_path):
+    import yaml
+
+    from exaggerate.config import ConfigError, load_config
+
+    raw = load_config(REPO / "params.yaml").to_dict()
+    del raw["explainer"]["processes"]  # a model registered before the key existed
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="missing key explainer.processes"):
+        load_config(path)
+    assert load_config(path, complete=False).explainer.processes == 1

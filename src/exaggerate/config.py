@@ -433,7 +433,10 @@ def missing_keys(cls: type, raw: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
+def load_config(path: str | Path = "params.yaml", complete: bool = True) -> Config:
+    """The parameters of a file. complete=False accepts a file that leaves keys out (they take
+    their defaults): the resolved parameters stored in a model registered by an earlier version,
+    which keys added later must not make unloadable."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"parameter file {path} not found (run from the repository root)")
@@ -449,7 +452,7 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raise ConfigError(f"{path}: {exc}") from exc
     # A parameter file is complete: a key left out would silently take a default.
     missing = [k for k in missing_keys(Config, raw or {}) if not k.startswith("classifier.external.")]
-    if missing:
+    if missing and complete:
         raise ConfigError(f"{path}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
                           else "") + "; a parameter file lists every key: see params.yaml or `exaggerate params`")
     return cfg

@@ -110,7 +110,7 @@ class Explainer:
         from .config import load_config
         from .utils import resolve_device
 
-        cfg = load_config(params_path)
+        cfg = load_config(params_path, complete=False)  # keys added since the model was made: defaults
         device = resolve_device(cfg.base.device)
         f = load_classifier(classifier_dir, cfg.base).to(device)
         g = None if generator_path is None else load_generator(generator_path, cfg.base, cfg.explainer).to(device)
