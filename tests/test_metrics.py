@@ -237,3 +237,27 @@ def test_small_datasets_train_the_oracle_for_more_epochs_and_a_weak_one_is_refus
     assert oracle_refusal({"task_accuracy": 0.93}, 0.9) is None
     assert "0.5400, below evaluate.oracle_gate 0.9" in oracle_refusal({"task_accuracy": 0.54}, 0.9)
     assert "rerun the train_oracle stage" in oracle_refusal({"test_accuracy": 0.9}, 0.9)
+
+
+def test_the_attribute_report_flags_what_the_series_change_beyond_real_data():
+    from exaggerate.audit import attribute_report, target_row
+
+    rng = np.random.default_rng(0)
+    q, n, r = 40, 10, 400
+    t = (np.arange(n) + 0.5) / n
+    names = ["target", "confounder", "tied", "still"]
+    # Along the series: the target rises, "confounder" falls with it, "tied" rises with it.
+    p_series = np.stack([np.stack([t, 0.8 - 0.6 * t, 0.2 + 0.4 * t, np.full(n, 0.3)], -1)] * q)
+    p_series = p_series + rng.normal(0, 0.02, p_series.shape)
+    # Real images: "tied" co-varies with f's bin as much as along the series, "confounder" not at all.
+    bins = rng.integers(0, n, r)
+    tb = (bins + 0.5) / n
+    p_real = np.stack([tb, np.full(r, 0.5), 0.2 + 0.4 * tb, np.full(r, 0.3)], -1) + rng.normal(0, 0.02, (r, 4))
+    rows = attribute_report(p_series, p_real, bins, names, "target", margin=0.1, resamples=500)
+    by = {row["class"]: row for row in rows}
+    assert set(by) == {"confounder", "tied", "still"} and rows[0]["class"] == "confounder"
+    assert by["confounder"]["flagged"] and by["confounder"]["series_slope"] == pytest.approx(-0.6, abs=0.03)
+    assert by["confounder"]["ci_low"] < by["confounder"]["series_slope"] < by["confounder"]["ci_high"]
+    assert not by["tied"]["flagged"] and by["tied"]["excess"] == pytest.approx(0, abs=0.05)
+    assert not by["still"]["flagged"]
+    assert target_row(p_series, p_real, bins, names, "target")["series_slope"] == pytest.approx(1, abs=0.03)

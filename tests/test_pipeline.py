@@ -1042,3 +1042,29 @@ def test_two_gloo_processes_train_the_classifier_of_one(project, env, tmp_path):
         p1, p2 = load_classifier(project / "outputs/classifier", base)(x), load_classifier(
             work / "outputs/classifier", base)(x)
     assert (p1 - p2).abs().max() < 1e-5
+
+
+def test_the_attribute_audit_runs_through_dvc_and_mlflow(project, env, tmp_path):
+    work = tmp_path / "audit"
+    shutil.copytree(project, work)
+    shutil.copytree(REPO / "audit", work / "audit")
+    e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    metrics_path = work / "outputs/oracle/metrics.json"
+    good = metrics_path.read_text()
+    metrics_path.write_text(json.dumps({**json.loads(good), "task_accuracy": 0.5}))  # a judge below the gate
+    out = run([str(BIN / "exaggerate"), "audit"], work, e, check=False)
+    assert out.returncode == 2 and "below evaluate.oracle_gate" in out.stderr and "Traceback" not in out.stderr
+    metrics_path.write_text(good)
+    out = run(["dvc", "repro", "audit/dvc.yaml"], work, e)
+    assert "Running stage 'audit/dvc.yaml:attributes'" in out.stdout
+    rows = list(csv.DictReader(open(work / "results/audit/attributes.csv")))
+    assert len(rows) == 9 and "Ankle boot" not in {r["class"] for r in rows}  # every oracle class but the target
+    assert (work / "results/audit/attributes.png").is_file()
+    import mlflow
+    mlflow.set_tracking_uri(e["MLFLOW_TRACKING_URI"])
+    runs = [r for r in mlflow.search_runs(experiment_names=["exaggerate"], output_format="list")
+            if r.data.tags.get("dvc_stage") == "audit_attributes"]
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]  # the refused one is kept as failed
+    runs = [r for r in runs if r.info.status == "FINISHED"]
+    assert {"attributes.md", "attributes.png", "attributes.csv"} <= {
+        a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}

@@ -63,6 +63,23 @@ def _make_digits(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    from pathlib import Path
+
+    from .audit import attribute_audit
+    from .config import load_config
+    from .stages import PATHS
+    from .tracking import stage_run
+    from .utils import set_threads
+
+    cfg = load_config(args.params)
+    set_threads(cfg.base.threads)
+    with stage_run("audit_attributes", cfg, ("base", "explain")) as tracker:
+        tracker.tags({"audit_margin": args.margin})
+        attribute_audit(cfg, PATHS, Path(args.out), args.margin, tracker)
+    return 0
+
+
 def _explore(args) -> int:
     from .explorer import serve
 
@@ -139,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-digits", help="write scikit-learn's handwritten digits as an image folder")
     p.add_argument("out", help="folder to write (one sub-folder per digit)")
     p.set_defaults(func=_make_digits)
+
+    p = sub.add_parser("audit", help="what else the series change: the oracle's other classes along the series "
+                       "against real data (the attribute report)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="results/audit", help="folder for attributes.csv / .md / .png")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="flag a class whose series slope exceeds its real-data slope by more than this")
+    p.set_defaults(func=_audit)
 
     p = sub.add_parser("explore", help="the explorer page over a registered explainer (pick or upload an image, "
                        "drag over the bins)")
