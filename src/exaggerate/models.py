@@ -168,11 +168,15 @@ def _pyfunc_base():
     return mlflow.pyfunc.PythonModel
 
 
-def _bad_request(exc: Exception):
+def _images_of(explainer: "Explainer", model_input, params: Optional[dict]) -> torch.Tensor:
+    """The request's images, or an MlflowException that the server answers with HTTP 400."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    return MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE)
+    try:
+        return explainer.images(image_column(model_input), convert=bool((params or {}).get("convert", False)))
+    except InputError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
 
 
 class ExplainerModel(_pyfunc_base()):
@@ -188,11 +192,7 @@ class ExplainerModel(_pyfunc_base()):
     def predict(self, context, model_input, params: Optional[dict] = None):
         import pandas as pd
 
-        try:
-            x = self.explainer.images(image_column(model_input), convert=bool((params or {}).get("convert", False)))
-        except InputError as exc:
-            raise _bad_request(exc) from exc
-        return pd.DataFrame(self.explainer.explain(x))
+        return pd.DataFrame(self.explainer.explain(_images_of(self.explainer, model_input, params)))
 
 
 class ClassifierModel(_pyfunc_base()):
@@ -204,11 +204,7 @@ class ClassifierModel(_pyfunc_base()):
     def predict(self, context, model_input, params: Optional[dict] = None):
         import pandas as pd
 
-        try:
-            x = self.explainer.images(image_column(model_input), convert=bool((params or {}).get("convert", False)))
-        except InputError as exc:
-            raise _bad_request(exc) from exc
-        return pd.DataFrame(self.explainer.classify(x))
+        return pd.DataFrame(self.explainer.classify(_images_of(self.explainer, model_input, params)))
 
 
 # ----------------------------------------------------------------------------- the register stage
