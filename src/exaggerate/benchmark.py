@@ -435,7 +435,7 @@ def table(summary: dict) -> str:
 def report(spec: Spec) -> dict:
     import shutil
 
-    from .tracking import Tracker, benchmark_run
+    from .tracking import benchmark_run
 
     summary = summarise(spec)
     text = table(summary)
@@ -452,7 +452,6 @@ def report(spec: Spec) -> dict:
     write_text(REPORT / "report.md", "\n".join(body))
     write_json(REPORT / "summary.json", summary)
     with benchmark_run(spec.split, spec.seeds, list(spec.tasks)) as tracker:
-        tracker: Tracker
         for task, t in summary["tasks"].items():
             tracker.metrics({f"{task}.{col}": v["mean"] for col, v in t["metrics"].items() if v is not None})
         tracker.artifact(REPORT / "report.md")
