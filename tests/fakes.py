@@ -71,3 +71,23 @@ def make_image_folder(root: Path, per_class: int = 12, seed: int = 0) -> Path:
             arr = rng.integers(0, 255, size=(40, 36, 3), dtype=np.uint8)
             Image.fromarray(arr).save(root / cls / f"{cls}{i:02d}.png")
     return root
+
+
+def make_fashion_ambiguous(root: Path, n_train: int = 1200, n_test: int = 300, seed: int = 0) -> Path:
+    """Fake Fashion-MNIST of sneakers (7) and ankle boots (9) told apart only by a weak cue: a bar
+    of about the same area, taller than wide for boots and wider than tall for sneakers, with
+    overlapping proportions (about 80% separable). A classifier offered a perfectly predictive
+    mark besides (the planted-confounder audit) leans on the mark."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.choice([7, 9], size=n).astype(np.uint8)
+        images = rng.integers(0, 30, size=(n, 28, 28)).astype(np.uint8)
+        for img, k in zip(images, labels):
+            height = int(np.clip(round(rng.normal(12 if k == 9 else 8, 2.5)), 5, 18))
+            width = int(np.clip(round(96 / height), 5, 18))
+            top, left = 14 - height // 2, 14 - width // 2
+            img[top:top + height, left:left + width] = 200
+        write_idx(root / f"{part}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{part}-labels-idx1-ubyte.gz", labels)
+    return root

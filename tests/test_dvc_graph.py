@@ -16,6 +16,16 @@ STAGES = ("prepare", "train_classifier", "posteriors", "bin", "train_explainer",
 
 def test_dvc_yaml_lists_each_stages_import_closure():
     assert check(REPO / "dvc.yaml") == []
+    assert check(REPO / "audit" / "dvc.yaml") == []
+
+
+def test_the_confounder_report_can_change_without_retraining_the_audits_networks():
+    from exaggerate.dvc_deps import audit_code_deps
+
+    training = set(audit_code_deps("confounder_explainer"))
+    assert "src/exaggerate/confounder.py" in training
+    assert "src/exaggerate/confounder_report.py" not in training
+    assert "src/exaggerate/confounder_report.py" in audit_code_deps("confounder_report")
 
 
 def test_closures_follow_the_imports_and_leave_the_rest_out():

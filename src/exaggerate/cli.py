@@ -63,7 +63,7 @@ def _make_digits(args) -> int:
     return 0
 
 
-def _audit(args) -> int:
+def _audit_attributes(args) -> int:
     from pathlib import Path
 
     from .audit import attribute_audit
@@ -74,9 +74,53 @@ def _audit(args) -> int:
 
     cfg = load_config(args.params)
     set_threads(cfg.base.threads)
-    with stage_run("audit_attributes", cfg, ("base", "explain")) as tracker:
-        tracker.tags({"audit_margin": args.margin})
-        attribute_audit(cfg, PATHS, Path(args.out), args.margin, tracker)
+    with stage_run("audit_attributes", cfg, ("base", "explain", "audit")) as tracker:
+        attribute_audit(cfg, PATHS, Path(args.out), cfg.audit.margin, tracker)
+    return 0
+
+
+def _confounder_train(args) -> int:
+    """The classifier or explainer part of the confounder audit (or both: --part all)."""
+    from pathlib import Path
+
+    from . import confounder
+    from .config import load_config
+    from .utils import set_threads
+
+    cfg = load_config(args.params)
+    set_threads(cfg.base.threads)
+    root = Path(args.root)
+    arms = args.arm or confounder.ARMS
+    if args.part in ("classifier", "all"):
+        for arm in arms:
+            confounder.classifier_stage(cfg, arm, root)
+    if args.part in ("explainer", "all"):
+        for arm in arms:
+            for seed in args.seed if args.seed is not None else cfg.audit.seeds:
+                confounder.explainer_stage(cfg, arm, seed, root)
+    return 0
+
+
+def _confounder_report(args) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .confounder_report import report_stage
+    from .tracking import stage_run
+    from .utils import set_threads
+
+    cfg = load_config(args.params)
+    set_threads(cfg.base.threads)
+    with stage_run("audit_confounder", cfg, ("base", "classifier", "explainer", "audit")) as tracker:
+        report_stage(cfg, Path(args.root), Path(args.out), tracker)
+    return 0
+
+
+def _audit_confounder(args) -> int:
+    if args.part != "report":
+        _confounder_train(args)
+    if args.part in ("report", "all"):
+        _confounder_report(args)
     return 0
 
 
@@ -157,13 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write (one sub-folder per digit)")
     p.set_defaults(func=_make_digits)
 
-    p = sub.add_parser("audit", help="what else the series change: the oracle's other classes along the series "
-                       "against real data (the attribute report)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--out", default="results/audit", help="folder for attributes.csv / .md / .png")
-    p.add_argument("--margin", type=float, default=0.1,
-                   help="flag a class whose series slope exceeds its real-data slope by more than this")
-    p.set_defaults(func=_audit)
+    p = sub.add_parser("audit", help="the bias audit: what else the series change (attributes) and whether they "
+                       "reveal a planted confounder (confounder); docs/AUDIT.md")
+    audit = p.add_subparsers(dest="audit", metavar="AUDIT", required=True)
+    a = audit.add_parser("attributes", help="the oracle's other classes along the series against real data")
+    a.add_argument("--params", default="params.yaml")
+    a.add_argument("--out", default="results/audit", help="folder for attributes.csv / .md / .png")
+    a.set_defaults(func=_audit_attributes)
+    a = audit.add_parser("confounder", help="a mark planted in f's training images along the class: do the series "
+                         "of the biased f add it, and those of a clean f not? (all parts, each resuming)")
+    a.add_argument("--params", default="params.yaml")
+    a.add_argument("--part", choices=["all", "classifier", "explainer", "report"], default="all",
+                   help="one part (audit/dvc.yaml runs them as stages); default: all in order")
+    a.add_argument("--arm", action="append", choices=["biased", "clean"],
+                   help="classifier/explainer parts: this arm only (repeatable; default both)")
+    a.add_argument("--seed", type=int, action="append", help="explainer part: this seed only (default audit.seeds)")
+    a.add_argument("--root", default="audit/confounder", help="folder for the arms' classifiers and explainers")
+    a.add_argument("--out", default="results/audit", help="folder for confounder.md / .json / .png")
+    a.set_defaults(func=_audit_confounder)
 
     p = sub.add_parser("explore", help="the explorer page over a registered explainer (pick or upload an image, "
                        "drag over the bins)")

@@ -326,6 +326,47 @@ class Tune:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """The bias audit (exaggerate audit, audit/dvc.yaml): the attribute report and the
+    planted-confounder experiment (docs/AUDIT.md)."""
+    # Attribute report: flag a class whose series slope exceeds its real-data slope by more.
+    margin: float = 0.1
+    # Planted confounder: a white square of this side (pixels at base.image_size) in the top-left
+    # corner, on this share of the positives and of the negatives of the biased f's training
+    # images; the clean f's have it independently of the class at the same overall rate, as have
+    # the explainers' images and the test images of both.
+    mark_size: int = 4
+    rate_positive: float = 0.95
+    rate_negative: float = 0.05
+    # Share of the training partition kept from the classifiers for the explainers (and their bins).
+    explainer_fraction: float = 0.5
+    # Explainer seeds per classifier; steps of each explainer (0: explainer.steps).
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    explainer_steps: int = 0
+    # Test queries explained per explainer.
+    num_queries: int = 200
+    # A series draws the mark toward the class when its highest bin's image has at least this many
+    # more of the mark's pixels lit than its lowest bin's.
+    change_pixels: int = 2
+    # The mark detector must be at least this accurate on real test images, or the audit refuses.
+    detector_gate: float = 0.95
+
+    def validate(self, key: str) -> None:
+        _check(self.margin >= 0, f"{key}.margin", self.margin, "a number >= 0")
+        _check(self.mark_size >= 1, f"{key}.mark_size", self.mark_size, "an integer >= 1")
+        for name in ("rate_positive", "rate_negative", "detector_gate"):
+            _check(0 <= getattr(self, name) <= 1, f"{key}.{name}", getattr(self, name), "a number in [0, 1]")
+        _check(0 < self.explainer_fraction < 1, f"{key}.explainer_fraction", self.explainer_fraction,
+               "a number strictly between 0 and 1")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), f"{key}.seeds", self.seeds,
+               "a non-empty list of distinct integers")
+        _check(self.explainer_steps >= 0, f"{key}.explainer_steps", self.explainer_steps, "an integer >= 0")
+        _check(self.num_queries >= 2, f"{key}.num_queries", self.num_queries, "an integer >= 2")
+        _check(1 <= self.change_pixels <= self.mark_size ** 2, f"{key}.change_pixels", self.change_pixels,
+               f"an integer from 1 to the mark's {self.mark_size ** 2} pixels")
+
+
+@dataclass(frozen=True)
 class Config:
     base: Base = field(default_factory=Base)
     prepare: Prepare = field(default_factory=Prepare)
@@ -337,6 +378,7 @@ class Config:
     oracle: Oracle = field(default_factory=Oracle)
     evaluate: Evaluate = field(default_factory=Evaluate)
     tune: Tune = field(default_factory=Tune)
+    audit: Audit = field(default_factory=Audit)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -347,6 +389,9 @@ class Config:
         _check(self.base.image_size % 2 ** halvings == 0, "base.image_size", self.base.image_size,
                f"a multiple of {2 ** halvings}: explainer.generator_widths has {halvings + 1} widths, so the "
                f"generator halves the image {halvings} times and must double it back to the same size")
+        _check(self.audit.mark_size + 2 <= self.base.image_size // 2, "audit.mark_size", self.audit.mark_size,
+               f"at most {self.base.image_size // 2 - 2}: the mark stays in a corner of the "
+               f"{self.base.image_size}-pixel image")
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

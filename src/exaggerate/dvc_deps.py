@@ -14,6 +14,7 @@ import ast
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 PACKAGE = "exaggerate"
 SRC = Path(__file__).resolve().parent
@@ -53,6 +54,23 @@ def _stage_functions(stages_tree: ast.Module) -> dict[str, ast.FunctionDef]:
     return {n.name: n for n in stages_tree.body if isinstance(n, ast.FunctionDef)}
 
 
+def _entry_modules(cli_functions: tuple[str, ...]) -> set[str]:
+    """What the entry modules import at top level, and the given cli.py functions (a command's)."""
+    entry: set[str] = set()
+    for name in ("__init__", "__main__", "errors"):
+        entry |= _top_level(ast.parse((SRC / f"{name}.py").read_text()))
+    cli = ast.parse((SRC / "cli.py").read_text())
+    return entry | _top_level(cli) | _imported(cli, [_stage_functions(cli)[f] for f in (*cli_functions, "main")])
+
+
+def command_code_deps(cli_functions: tuple[str, ...]) -> list[str]:
+    """src/ paths the `exaggerate` command run by these cli.py functions can import (the entry
+    modules counted shallowly, as for the stages): the code deps of a stage that runs it."""
+    entry = _entry_modules(cli_functions) | _top_level(ast.parse((SRC / "stages.py").read_text()))
+    modules = set(ENTRY) | module_closure(entry - set(ENTRY))
+    return sorted(f"src/{PACKAGE}/{m}.py" for m in modules)
+
+
 def stage_modules(stage: str) -> set[str]:
     """The package modules `exaggerate stage <stage>` can import."""
     tree = ast.parse((SRC / "stages.py").read_text())
@@ -61,11 +79,7 @@ def stage_modules(stage: str) -> set[str]:
         raise KeyError(f"no stage function {stage!r} in stages.py")
     # The entry modules count shallowly: their top-level imports, and for cli the functions the
     # `stage` command runs; their other functions import what other commands need.
-    entry = _top_level(tree)
-    for name in ("__init__", "__main__", "errors"):
-        entry |= _top_level(ast.parse((SRC / f"{name}.py").read_text()))
-    cli = ast.parse((SRC / "cli.py").read_text())
-    entry |= _top_level(cli) | _imported(cli, [_stage_functions(cli)[f] for f in ("_stage", "main")])
+    entry = _top_level(tree) | _entry_modules(("_stage",))
     reached, todo = set(), [stage]
     while todo:  # the stage function and the stages.py helpers it calls
         fn = functions[todo.pop()]
@@ -82,15 +96,32 @@ def stage_code_deps(stage: str) -> list[str]:
     return sorted(f"src/{PACKAGE}/{m}.py" for m in stage_modules(stage))
 
 
+# audit/dvc.yaml's stages run `exaggerate audit <command>`: the cli.py function of each.
+AUDIT_COMMANDS = {"attributes": ("_audit_attributes",), "confounder_classifier": ("_audit_confounder", "_confounder_train"),
+                  "confounder_explainer": ("_audit_confounder", "_confounder_train"),
+                  "confounder_report": ("_audit_confounder", "_confounder_report")}
+
+
+def audit_code_deps(stage: str) -> list[str]:
+    return command_code_deps(AUDIT_COMMANDS[stage])
+
+
+def code_deps_for(dvc_yaml: Path) -> Callable[[str], list[str]]:
+    """How the stages of this dvc.yaml derive their code deps."""
+    return audit_code_deps if Path(dvc_yaml).parent.name == "audit" else stage_code_deps
+
+
 def check(dvc_yaml: Path) -> list[str]:
     """Differences between dvc.yaml's code deps and the derived ones, one line each."""
     import yaml
 
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    deps_of = code_deps_for(dvc_yaml)
     problems = []
     for name, spec in stages.items():
+        spec = spec.get("do", spec)  # foreach / matrix stages
         listed = {d for d in spec.get("deps", []) if isinstance(d, str) and d.startswith(f"src/{PACKAGE}")}
-        wanted = set(stage_code_deps(name))
+        wanted = set(deps_of(name))
         for d in sorted(wanted - listed):
             problems.append(f"{dvc_yaml}: stage {name} imports {d} but does not list it in deps")
         for d in sorted(listed - wanted):
@@ -101,6 +132,7 @@ def check(dvc_yaml: Path) -> list[str]:
 def write(dvc_yaml: Path) -> None:
     """Replace each stage's src/ deps lines by the derived list (other lines untouched)."""
     lines, out, stage = dvc_yaml.read_text().splitlines(), [], None
+    deps_of = code_deps_for(dvc_yaml)
     code_line = re.compile(rf"^(\s+)- src/{PACKAGE}/\S+$")
     for i, line in enumerate(lines):
         m = re.match(r"^  (\w+):\s*$", line)
@@ -109,7 +141,7 @@ def write(dvc_yaml: Path) -> None:
         cm = code_line.match(line)
         if cm:
             if not code_line.match(lines[i - 1]):  # the first code line of a block
-                out += [f"{cm.group(1)}- {d}" for d in stage_code_deps(stage)]
+                out += [f"{cm.group(1)}- {d}" for d in deps_of(stage)]
             continue
         out.append(line)
     dvc_yaml.write_text("\n".join(out) + "\n")

@@ -186,6 +186,9 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
     """Train G and D, resuming from out_dir/checkpoints; writes generator.pt, series_grid.png and
     metrics.json. `on_checkpoint(step, g)` runs after each checkpoint (tuning scores there and
     may stop the run by raising)."""
+    if len(indices) == 0:
+        raise ExaggerateError("the explainer has no training images: the bin stage selected none (no posterior bin "
+                              "of f held a calibrated sample; see the bin stage's metrics.json and bin_counts.png)")
     world, device = init(resolve_device(base.device))
     f = f.to(device)
     state = new_state(base, params, f, device, world)
