@@ -102,3 +102,10 @@ def test_a_detector_that_cannot_tell_the_mark_from_the_corners_refuses_to_judge(
     cfg = config_from_dict({"base": {"data_root": str(root), "resize": "resize"}})
     det = r.judge_detector(c.arm_data(cfg, "clean"), cfg.audit.mark_size)
     assert det["accuracy"] < cfg.audit.detector_gate
+
+
+def test_the_report_before_the_explainers_names_the_missing_file(fashion_root, tmp_path):
+    cfg = config_from_dict({"base": {"data_root": str(fashion_root)}})
+    with pytest.raises(c.ConfounderError, match=r"biased/seed0/explain/series.npz not found.*dvc repro audit/dvc.yaml"):
+        r.report_stage(cfg, tmp_path / "confounder", tmp_path / "report")
+    assert not (tmp_path / "report").exists()  # nothing half-written
