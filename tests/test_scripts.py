@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,16 @@ def test_gpu_check_runs_as_cpu_smoke_test():
     assert out.returncode == 0, out.stderr
     assert "iterations/s at 32x32" in out.stdout and "last losses finite: True" in out.stdout
     assert "bf16 autocast, channels-last:" in out.stdout and "bf16 / float32 speed ratio" in out.stdout
+    gflop = float(re.search(r"FLOPs per iteration \(forward and backward of G, D and f\): ([\d.]+) GFLOP",
+                            out.stdout).group(1))
+    assert gflop > 0 and "TFLOP/s" in out.stdout and "MFU" not in out.stdout  # no known peak on a CPU
+    # A peak given: MFU, and the compiled networks (G and f) train too.
+    out = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--image-size", "32",
+                          "--widths", "8", "16", "--steps", "1", "--warmup", "1", "--compile",
+                          "--peak-tflops", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "float32, compiled (g f):" in out.stdout and "compiled / eager speed ratio, float32:" in out.stdout
+    assert re.search(r"MFU [\d.]+% of 1\b", out.stdout) and "last losses finite: False" not in out.stdout
 
 
 def test_cli_help_lists_subcommands():
