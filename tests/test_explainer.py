@@ -417,3 +417,36 @@ def test_fit_in_bf16_and_channels_last_on_cpu_resumes_bit_for_bit(setup, tmp_pat
     fit(ds, idx, bins, splits["val"], copy.deepcopy(f), base, dataclasses.replace(longer, amp=False), tmp_path / "c")
     c = torch.load(tmp_path / "c" / "generator.pt", weights_only=True)["generator"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_generator_skips_carry_detail_around_the_bottleneck():
+    torch.manual_seed(0)
+    plain, skips = Generator(1, [8, 16, 32], num_bins=4), Generator(1, [8, 16, 32], num_bins=4, skips=True)
+    skips.load_state_dict(plain.state_dict())  # no new weights: the same parameters fit both
+    x, c = torch.randn(2, 1, 16, 16), torch.tensor([0, 3])
+    levels = skips.encode(x, c)
+    assert [t.shape[-1] for t in levels] == [16, 8, 4] and torch.equal(levels[-1], plain.encode(x, c))
+    assert not torch.allclose(skips(x, c), plain(x, c))
+    # A change of one pixel reaches the output only through the receptive field without skips,
+    # directly (at the pixel's own neighbourhood) with them.
+    x2 = x.clone()
+    x2[0, 0, 5, 5] += 1.0
+    for g in (plain, skips):
+        g.eval()
+    with torch.no_grad():
+        near = lambda g: (g(x2, c) - g(x, c))[0, 0, 4:7, 4:7].abs().sum()
+        assert near(skips) > near(plain)
+    from exaggerate.losses import embedding_distance
+    other = skips.encode(x2, c)
+    assert embedding_distance(levels, other) > 0
+    assert torch.equal(embedding_distance(levels, levels), torch.tensor(0.0))
+
+
+def test_generator_skips_are_recorded_only_when_on():
+    from exaggerate.checkpoint import architecture, training_signature
+    base = Base()
+    assert "generator_skips" not in architecture(base, TINY_EXPLAINER)
+    assert "generator_skips" not in training_signature(base, TINY_EXPLAINER)
+    on = dataclasses.replace(TINY_EXPLAINER, generator_skips=True)
+    assert architecture(base, on)["generator_skips"] is True
+    assert training_signature(base, on)["generator_skips"] is True
