@@ -450,3 +450,17 @@ def test_generator_skips_are_recorded_only_when_on():
     on = dataclasses.replace(TINY_EXPLAINER, generator_skips=True)
     assert architecture(base, on)["generator_skips"] is True
     assert training_signature(base, on)["generator_skips"] is True
+
+
+def test_fit_with_generator_skips_trains_saves_and_is_refused_without_them(setup, tmp_path):
+    base, ds, splits, f, idx, bins = setup
+    skips = dataclasses.replace(TINY_EXPLAINER, generator_skips=True)
+    m = fit(ds, idx, bins, splits["val"], f, base, skips, tmp_path)
+    assert m["steps"] == 4
+    g = load_generator(tmp_path / "generator.pt", base, skips)
+    x = ds.images(idx[:2])
+    with torch.no_grad():
+        assert g.skips and isinstance(g.encode(x, torch.tensor([0, 1])), tuple)
+        assert torch.isfinite(g(x, torch.tensor([0, 9]))).all()
+    with pytest.raises(CheckpointError, match="generator_skips=True.*generator_skips=None"):
+        load_generator(tmp_path / "generator.pt", base, TINY_EXPLAINER)
