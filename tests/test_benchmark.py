@@ -33,7 +33,8 @@ def spec_dict() -> dict:
         "oracles": {"fashion_mnist": {"data": "data/fashion-mnist"},
                     "digits": {"data": "benchmark/data/digits",
                                "base": {"dataset": "image_folder", "target": "8", "negatives": ["3"],
-                                        "resize": "resize"}}},
+                                        "resize": "resize"},
+                               "oracle": {"flip": False}}},
         "tasks": {"boots": {"oracle": "fashion_mnist", "data": "data/fashion-mnist"},
                   "boots_no_mixup": {"oracle": "fashion_mnist", "data": "data/fashion-mnist",
                                      "classifier": {"mixup_alpha": 0.0}},
@@ -62,6 +63,9 @@ def test_tasks_override_params_over_their_oracle_and_runs_get_the_seed_and_split
     assert no_mixup.classifier.mixup_alpha == 0.0 and no_mixup.base.target == default.base.target
     assert B.paths_for(spec, "boots", 1)["train_oracle"] == B.paths_for(spec, "boots_no_mixup", 0)["train_oracle"]
     assert B.paths_for(spec, "boots", 1)["prepare"] == B.paths_for(spec, "boots", 0)["prepare"]
+    # An oracle's own `oracle` section reaches its training and every task it judges.
+    assert not B.oracle_config(spec, "digits", REPO / "params.yaml").oracle.flip and not cfg.oracle.flip
+    assert B.oracle_config(spec, "fashion_mnist", REPO / "params.yaml").oracle.flip
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from exaggerate import metrics as M
 from exaggerate.baseline import pixel_search
@@ -261,3 +262,44 @@ def test_the_attribute_report_flags_what_the_series_change_beyond_real_data():
     assert not by["tied"]["flagged"] and by["tied"]["excess"] == pytest.approx(0, abs=0.05)
     assert not by["still"]["flagged"]
     assert target_row(p_series, p_real, bins, names, "target")["series_slope"] == pytest.approx(1, abs=0.03)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_oracle_training_mirrors_images_only_when_asked_and_decays_its_rate(flip, monkeypatch):
+    from exaggerate.config import Oracle as OracleParams
+    from exaggerate import oracle as O
+
+    image = torch.zeros(1, 1, 4, 4)
+    image[..., 0] = 1.0  # lit on the left only
+
+    class OneImage:
+        def images(self, idx):
+            return image.expand(len(idx), -1, -1, -1).clone()
+
+    seen, rates = [], []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.w.expand(len(x), 2) * x.mean()
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, *args, **kwargs):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(O.torch.optim, "Adam", RecordingAdam)
+    params = OracleParams(batch_size=16, lr=0.01, flip=flip)
+    O._fit(Recorder(), OneImage(), torch.zeros(64, dtype=torch.long), np.arange(64), "multiclass", params, 2, 0,
+           torch.device("cpu"))
+    x = torch.cat(seen)
+    mirrored = (x[..., -1] == 1).flatten()
+    assert len(x) == 128 and bool(mirrored.any()) == flip and bool((~mirrored).any())
+    if flip:
+        assert 0.3 < mirrored.float().mean() < 0.7
+    # Cosine decay: the full rate at the first step, falling to near 0 at the last.
+    assert rates[0] == pytest.approx(0.01) and rates[-1] < 0.01 * 0.05 and rates == sorted(rates, reverse=True)

@@ -121,7 +121,8 @@ def load_spec(path: str | Path = SPEC) -> Spec:
 
 def _merge(raw: dict, overrides: dict, where: str) -> None:
     for section, values in overrides.items():
-        if section in ("data", "oracle"):
+        # A task's `oracle` names its oracle; an oracle's `oracle` is params.yaml's section.
+        if section == "data" or (section == "oracle" and isinstance(values, str)):
             continue
         if section not in raw or not isinstance(raw[section], dict):
             raise BenchmarkError(f"{where}: {section!r} is not a section of params.yaml")

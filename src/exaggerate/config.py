@@ -232,12 +232,16 @@ class Oracle:
     """The independent classifier of all classes/attributes (its features are fid_oracle's space)."""
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     feature_dim: int = 128
-    epochs: int = 2
+    epochs: int = 6
     # At least this many training steps whatever the dataset's size: a small dataset gets more
     # epochs (epochs = max(epochs, ceil(min_steps / steps per epoch))).
     min_steps: int = 900
     batch_size: int = 128
+    # Peak learning rate, decayed to 0 along a cosine over the whole run.
     lr: float = 1e-3
+    # Mirror each training image left-right with probability 1/2: for classes that do not
+    # depend on the side (garments, faces); not for digits or text.
+    flip: bool = True
     # Cap on training images, for quick runs; 0 means all.
     max_train: int = 0
 

@@ -139,15 +139,22 @@ def train_oracle(base: Base, params: OracleParams, out_dir: str | Path, tracker:
 
 def _fit(net: OracleNet, ds: ImageDataset, y_all: torch.Tensor, train_idx: np.ndarray, kind: str,
          params: OracleParams, epochs: int, seed: int, device: torch.device) -> None:
+    """Adam with a cosine decay of the learning rate over all steps; oracle.flip mirrors images."""
     opt = torch.optim.Adam(net.parameters(), lr=params.lr)
     train_set = torch.utils.data.TensorDataset(torch.from_numpy(train_idx))
+    total = epochs * math.ceil(len(train_idx) / params.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(seed + epoch)
         loader = torch.utils.data.DataLoader(train_set, batch_size=params.batch_size, shuffle=True, generator=g)
         net.train()
         bar = progress(loader, desc=f"oracle epoch {epoch + 1}/{epochs}", leave=False)
         for (idx,) in bar:
-            x = ds.images(idx.numpy()).to(device)
+            x = ds.images(idx.numpy())
+            if params.flip:
+                mirrored = torch.rand(len(idx), generator=g) < 0.5
+                x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
+            x = x.to(device)
             y = y_all[idx].to(device)
             logits = net(x)
             loss = F.cross_entropy(logits, y.long()) if kind == "multiclass" else \
@@ -155,6 +162,7 @@ def _fit(net: OracleNet, ds: ImageDataset, y_all: torch.Tensor, train_idx: np.nd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            schedule.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
 
