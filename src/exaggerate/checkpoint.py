@@ -28,12 +28,9 @@ class CheckpointError(ArtifactError):
 
 def architecture(base: Base, params: ExplainerParams) -> dict:
     """Settings a generator's weights depend on; a mismatch makes a checkpoint unusable."""
-    arch = {"image_size": base.image_size, "channels": base.channels, "num_bins": base.num_bins,
+    return {"image_size": base.image_size, "channels": base.channels, "num_bins": base.num_bins,
             "generator_widths": list(params.generator_widths),
             "discriminator_widths": list(params.discriminator_widths)}
-    if params.generator_skips:  # recorded only when on: generators made before the option still load
-        arch["generator_skips"] = True
-    return arch
 
 
 def training_seed(base: Base, params: ExplainerParams) -> int:
@@ -44,8 +41,7 @@ def training_seed(base: Base, params: ExplainerParams) -> int:
 def training_signature(base: Base, params: ExplainerParams, inputs_digest: str = "") -> dict:
     """What a training run depends on: every explainer setting but its length and cadence, the
     data and class explained, and a digest of its inputs (classifier, binned images)."""
-    settings = {k: v for k, v in asdict(params).items()
-                if k not in _CADENCE and not (k == "generator_skips" and not v)}
+    settings = {k: v for k, v in asdict(params).items() if k not in _CADENCE}
     return {**architecture(base, params), **settings, "seed": training_seed(base, params),
             "dataset": base.dataset, "target": base.target, "inputs": inputs_digest}
 
@@ -70,7 +66,7 @@ def check_signature(found: dict, expected: dict, source: str) -> None:
 
 
 def build_networks(base: Base, params: ExplainerParams) -> tuple[Generator, Discriminator]:
-    g = Generator(base.channels, list(params.generator_widths), base.num_bins, skips=params.generator_skips)
+    g = Generator(base.channels, list(params.generator_widths), base.num_bins)
     d = Discriminator(base.channels, list(params.discriminator_widths), base.num_bins)
     return g, d
 

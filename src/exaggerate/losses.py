@@ -40,14 +40,6 @@ class LossWeights:
     rec: float
 
 
-def embedding_distance(a, b) -> torch.Tensor:
-    """Mean squared distance of two embeddings: tensors, or tuples of per-resolution feature maps
-    (a generator with skips), whose distances are averaged."""
-    if isinstance(a, torch.Tensor):
-        return (a - b).pow(2).mean()
-    return torch.stack([(u - v).pow(2).mean() for u, v in zip(a, b)]).mean()
-
-
 class ExplainerLoss:
     """The conditional GAN's losses against a frozen classifier f.
 
@@ -82,7 +74,7 @@ class ExplainerLoss:
         terms["classifier"] = bce(p_fake, bin_targets(c_new, self.num_bins))
         terms["classifier_cycle"] = bce(p_cycle, p_x)
         terms["cycle"] = (x - x_cycle).abs().mean()
-        terms["embedding"] = embedding_distance(embed_x, embed_fake)
+        terms["embedding"] = (embed_x - embed_fake).pow(2).mean()
         if self.w.rec > 0:  # one more decoder pass, only when the term counts
             terms["reconstruction"] = (x - g.decode(embed_x, c_x)).abs().mean()
         return terms

@@ -133,20 +133,9 @@ def _upsample_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Generator(nn.Module):
-    """The paper's encoder-decoder: a stem conv, one down-sampling block per further width, the
-    mirrored up-sampling blocks, a batch norm and a tanh output conv; every block's norms take the
-    condition.
-
-    skips=True (explainer.generator_skips, a departure from the paper) adds the encoder's
-    feature map at each resolution to the decoder's output at the same resolution (U-Net-style,
-    additive, so no new weights): the query's fine detail need not pass the bottleneck. The
-    embedding E(x, c) is then the tuple of those maps, the bottleneck last; without skips it is
-    the bottleneck alone, as in the paper."""
-
-    def __init__(self, channels: int, widths: list[int], num_bins: int, skips: bool = False):
+    def __init__(self, channels: int, widths: list[int], num_bins: int):
         super().__init__()
         self.num_bins = num_bins
-        self.skips = skips
         self.stem = nn.Conv2d(channels, widths[0], 3, 1, 1)
         self.encoder = nn.ModuleList(
             GeneratorBlock(widths[i], widths[i + 1], num_bins, "down") for i in range(len(widths) - 1))
@@ -155,23 +144,16 @@ class Generator(nn.Module):
         self.out_bn = nn.BatchNorm2d(widths[0])
         self.out_conv = nn.Conv2d(widths[0], channels, 3, 1, 1)
 
-    def encode(self, x: torch.Tensor, c: torch.Tensor):
-        """The embedding E(x, c): the bottleneck tensor, or with skips the tuple of every
-        resolution's feature map (the stem's first, the bottleneck last)."""
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The embedding E(x, c)."""
         h = self.stem(x)
-        levels = [h]
         for block in self.encoder:
             h = block(h, c)
-            levels.append(h)
-        return tuple(levels) if self.skips else h
+        return h
 
-    def decode(self, embedding, c: torch.Tensor) -> torch.Tensor:
-        levels = embedding if self.skips else (embedding,)
-        h = levels[-1]
-        for i, block in enumerate(self.decoder):
+    def decode(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        for block in self.decoder:
             h = block(h, c)
-            if self.skips:
-                h = h + levels[-2 - i]
         return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
