@@ -34,7 +34,9 @@ TINY = {
     "explainer": {"generator_widths": [8, 16], "discriminator_widths": [8, 16], "n_critic": 1, "batch_size": 8,
                   "steps": 6, "checkpoint_every": 2, "log_every": 2, "image_every": 3, "grid_queries": 2},
     "explain": {"num_queries": 12, "strips": 2, "batch_size": 8},
-    "oracle": {"widths": [8, 16], "feature_dim": 16, "epochs": 1, "min_steps": 60, "batch_size": 64, "max_train": 200},
+    # A higher peak rate than the default: the cosine decay leaves 60 steps too little to learn at 1e-3.
+    "oracle": {"widths": [8, 16], "feature_dim": 16, "epochs": 1, "min_steps": 60, "batch_size": 64, "max_train": 200,
+               "lr": 0.003},
     "evaluate": {"baseline_queries": 6, "baseline_steps": 20, "cout_steps": 5, "batch_size": 6},
     "tune": {"study_name": "explainer-weights", "n_trials": 3, "workers": 2, "trial_steps": 4, "eval_every": 2,
              "val_queries": 8, "startup_trials": 1, "prune_after": 0, "heartbeat_s": 1, "tune_lr": False},
