@@ -353,13 +353,22 @@ def write_dvc_yaml(spec: Spec, path: Path = DVC_YAML) -> bool:
     return True
 
 
-def run_benchmark(spec_path: str | Path = SPEC, dvc_args: tuple[str, ...] = ()) -> int:
+def run_benchmark(spec_path: str | Path = SPEC, dvc_args: tuple[str, ...] = (), jobs: int = 1,
+                  threads: int = 0) -> int:
+    """Write benchmark/dvc.yaml and run it: with dvc repro, or with jobs > 1 through
+    exaggerate.parallel, which runs that many stages at once and records each with dvc commit."""
     spec = load_spec(spec_path)
+    if jobs > 1 and dvc_args:
+        raise BenchmarkError(f"--jobs {jobs}: dvc repro arguments ({' '.join(dvc_args)}) apply only to --jobs 1")
     if write_dvc_yaml(spec):
         print(f"benchmark: wrote {DVC_YAML} from {spec.path}", flush=True)
     runs = len(spec.tasks) * len(spec.seeds)
     print(f"benchmark: {len(spec.tasks)} tasks x {len(spec.seeds)} seeds = {runs} explainer runs, "
           f"{len(spec.oracles)} oracle(s), evaluated on the {spec.split} split", flush=True)
+    if jobs > 1:
+        from .parallel import run_parallel
+
+        return run_parallel(DVC_YAML, jobs, threads)
     cmd = ["dvc", "repro", str(DVC_YAML), *dvc_args]
     print("benchmark: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)

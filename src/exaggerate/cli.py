@@ -46,7 +46,7 @@ def _sweep(args) -> int:
 def _benchmark(args) -> int:
     from .benchmark import run_benchmark
 
-    return run_benchmark(args.spec, tuple(args.dvc_args))
+    return run_benchmark(args.spec, tuple(args.dvc_args), jobs=args.jobs, threads=args.threads)
 
 
 def _benchmark_stage(args) -> int:
@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="the multi-task benchmark: write benchmark/dvc.yaml from "
                        "benchmark/params.yaml and run it with dvc repro")
     p.add_argument("--spec", default="benchmark/params.yaml", help="the benchmark's tasks, seeds and split")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="stages run at once (independent tasks and seeds; on a GPU they share it); "
+                        "1: dvc repro, one after another")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per stage with --jobs > 1 (0: the cores shared out)")
     p.add_argument("dvc_args", nargs="*", metavar="DVC_ARG",
                    help="passed on to dvc repro after `--` (e.g. -- --keep-going)")
     p.set_defaults(func=_benchmark)

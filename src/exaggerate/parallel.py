@@ -1,0 +1,179 @@
+"""Run a DVC pipeline's stages several at a time: `exaggerate benchmark --jobs N`.
+
+`dvc repro` runs one stage at a time, so the benchmark's explainer runs, independent of each
+other, would wait in line on a machine that can hold several (a GPU, or CPU cores that one
+small training run does not use well). Here the stages `dvc status` reports, and every stage
+downstream of them, are scheduled over the graph of the dvc.yaml (a stage depends on another
+when one of its deps is, or lies under, one of the other's outputs). A stage starts when none
+of its upstream stages is still to run, runs the command the dvc.yaml gives it with its share of
+the CPU threads, and once it succeeds `dvc commit` records it in dvc.lock and the cache exactly
+as `dvc repro` would have; a stage whose inputs turn out unchanged is skipped. When a stage
+fails no new stage starts: those running finish and are recorded, and the failed one is named
+with its log, so a rerun resumes from there. Each stage's output goes to its own log file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import ExaggerateError
+
+
+class PipelineError(ExaggerateError):
+    """A dvc.yaml this scheduler cannot run, or a dvc command that failed."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    cmd: str
+    wdir: Path
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+
+
+def _paths(entries) -> list[str]:
+    """Paths of a dvc.yaml list of deps or outs: strings, or one-key mappings {path: options}."""
+    out = []
+    for e in entries or []:
+        out.extend([e] if isinstance(e, str) else list(e))
+    return out
+
+
+def load_stages(dvcfile: Path) -> dict[str, Stage]:
+    """The stages of a dvc.yaml, their paths relative to the repository (the file's folder joined
+    with each stage's wdir)."""
+    try:
+        raw = yaml.safe_load(Path(dvcfile).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(f"{dvcfile}: cannot read the pipeline: {exc}") from exc
+    stages = (raw or {}).get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise PipelineError(f"{dvcfile}: no stages")
+    root = Path(dvcfile).parent
+    out = {}
+    for name, st in stages.items():
+        if "foreach" in st or "matrix" in st or isinstance(st.get("cmd"), list):
+            raise PipelineError(f"{dvcfile}: stage {name!r}: foreach, matrix and command lists are not supported here; "
+                             "run it with dvc repro")
+        wdir = Path(os.path.normpath(root / st.get("wdir", ".")))
+        rel = lambda p: os.path.normpath(wdir / p)  # noqa: E731
+        out[name] = Stage(name, st["cmd"], wdir, tuple(rel(p) for p in _paths(st.get("deps"))),
+                          tuple(rel(p) for p in _paths(st.get("outs")) + _paths(st.get("metrics"))
+                                + _paths(st.get("plots"))))
+    return out
+
+
+def _under(path: str, out: str) -> bool:
+    return path == out or path.startswith(out.rstrip("/") + "/")
+
+
+def upstream(stages: dict[str, Stage]) -> dict[str, set[str]]:
+    """For each stage, the stages producing any of its deps."""
+    return {s.name: {o.name for o in stages.values() if o.name != s.name
+                     and any(_under(d, out) for d in s.deps for out in o.outs)} for s in stages.values()}
+
+
+def _dvc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], capture_output=True, text=True)
+
+
+def changed(dvcfile: Path, stage: Optional[str] = None) -> set[str]:
+    """Names of the stages of dvcfile that `dvc status` finds out of date (all, or the one given)."""
+    target = str(dvcfile) + (f":{stage}" if stage else "")
+    res = _dvc("status", target, "--json")
+    if res.returncode != 0:
+        raise PipelineError(f"dvc status {target} failed: {res.stderr.strip() or res.stdout.strip()}")
+    report = json.loads(res.stdout or "{}")
+    prefix = f"{dvcfile}:"
+    return {key[len(prefix):] for key in report if key.startswith(prefix)}
+
+
+def downstream(names: set[str], ups: dict[str, set[str]]) -> set[str]:
+    todo, seen = list(names), set(names)
+    while todo:
+        n = todo.pop()
+        for s, us in ups.items():
+            if n in us and s not in seen:
+                seen.add(s)
+                todo.append(s)
+    return seen
+
+
+def run_parallel(dvcfile: str | Path, jobs: int, threads: int = 0, log_dir: str | Path = "",
+                 cores: Optional[int] = None, poll_s: float = 0.5) -> int:
+    """Run the out-of-date stages of dvcfile, at most `jobs` at once; 0 when all succeeded.
+    threads: each stage's CPU threads (OMP_NUM_THREADS; 0: the cores shared out by jobs)."""
+    if jobs < 1:
+        raise PipelineError(f"--jobs {jobs}: expected an integer >= 1")
+    dvcfile = Path(dvcfile)
+    stages = load_stages(dvcfile)
+    ups = upstream(stages)
+    todo = downstream(changed(dvcfile), ups)
+    if not todo:
+        print(f"{dvcfile}: every stage is up to date", flush=True)
+        return 0
+    log_dir = Path(log_dir) if log_dir else dvcfile.parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cores = cores or os.cpu_count() or 1
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads or max(1, cores // jobs))
+    total, done, failed = len(todo), 0, []
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    print(f"{dvcfile}: {total} stage(s) to run, {jobs} at a time, {env['OMP_NUM_THREADS']} thread(s) each; "
+          f"logs in {log_dir}/", flush=True)
+    while todo or running:
+        # Collect the stages that finished and record them.
+        for name, (proc, start, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            minutes = (time.monotonic() - start) / 60
+            if proc.returncode != 0:
+                failed.append(name)
+                print(f"FAILED {name} (exit {proc.returncode}, {minutes:.1f} min): see {log_dir / (name + '.log')}",
+                      flush=True)
+                continue
+            res = _dvc("commit", "--force", f"{dvcfile}:{name}")
+            if res.returncode != 0:
+                failed.append(name)
+                print(f"FAILED {name}: dvc commit: {res.stderr.strip()}", flush=True)
+                continue
+            done += 1
+            print(f"[{done}/{total}] {name} done in {minutes:.1f} min", flush=True)
+        if failed:
+            todo.clear()  # start nothing new; wait for the running stages
+        # Start what is ready.
+        for name in sorted(todo):
+            if len(running) >= jobs:
+                break
+            if ups[name] & (todo | set(running)):
+                continue
+            todo.discard(name)
+            if not changed(dvcfile, name):  # its upstream stages reproduced the same outputs
+                done += 1
+                print(f"[{done}/{total}] {name} unchanged, skipped", flush=True)
+                continue
+            st = stages[name]
+            log = open(log_dir / f"{name}.log", "w")
+            proc = subprocess.Popen(st.cmd, shell=True, cwd=st.wdir, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            running[name] = (proc, time.monotonic(), log)
+            print(f"started {name}: {st.cmd}", flush=True)
+        if running:
+            time.sleep(poll_s)
+    if failed:
+        print(f"{dvcfile}: {len(failed)} stage(s) failed: {', '.join(failed)}; the others are recorded, "
+              "a rerun resumes", file=sys.stderr, flush=True)
+        return 1
+    print(f"{dvcfile}: all {total} stage(s) done", flush=True)
+    return 0

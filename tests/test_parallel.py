@@ -1,0 +1,130 @@
+"""exaggerate.parallel (`exaggerate benchmark --jobs N`): independent stages run at the same time,
+each is recorded in dvc.lock as dvc repro would record it, a rerun runs only what changed, and a
+failure stops new stages without losing the finished ones."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exaggerate.parallel import PipelineError, load_stages, run_parallel, upstream
+
+PY = sys.executable
+BIN = Path(PY).parent
+
+
+def _py(code: str) -> str:
+    """A stage command running code, kept in a script of its own under the repository's steps/."""
+    steps = Path("steps")
+    steps.mkdir(exist_ok=True)
+    path = steps / f"step{len(list(steps.iterdir()))}.py"
+    path.write_text(code)
+    return f"{PY} {path}"
+
+
+# a waits for b to have started: with one stage at a time it would give up and fail.
+WAIT_FOR_B = ("import pathlib, time\n"
+              "m = pathlib.Path('markers/b_started')\n"
+              "t = time.time()\n"
+              "while not m.exists() and time.time() - t < 30: time.sleep(0.05)\n"
+              "assert m.exists(), 'b never started while a ran'\n"
+              "open('markers/runs', 'a').write('a\\n')\n"
+              "pathlib.Path('out/a').mkdir(parents=True, exist_ok=True)\n"
+              "pathlib.Path('out/a/a.txt').write_text('a')\n")
+B = ("import pathlib\n"
+     "pathlib.Path('markers/b_started').touch()\n"
+     "open('markers/runs', 'a').write('b\\n')\n"
+     "pathlib.Path('out').mkdir(exist_ok=True)\n"
+     "pathlib.Path('out/b.txt').write_text(pathlib.Path('in.txt').read_text())\n")
+C = ("import pathlib\n"
+     "open('markers/runs', 'a').write('c\\n')\n"
+     "pathlib.Path('out/c.txt').write_text(pathlib.Path('out/a/a.txt').read_text() + pathlib.Path('out/b.txt').read_text())\n")
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{BIN}:{__import__('os').environ.get('PATH', '')}")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(["dvc", "init", "-q"], check=True)
+    (tmp_path / "markers").mkdir()
+    (tmp_path / "in.txt").write_text("b")
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    stages = {
+        "a": {"wdir": "..", "cmd": _py(WAIT_FOR_B), "outs": ["out/a"]},
+        "b": {"wdir": "..", "cmd": _py(B), "deps": ["in.txt"], "outs": ["out/b.txt"]},
+        "c": {"wdir": "..", "cmd": _py(C), "deps": ["out/a/a.txt", "out/b.txt"], "outs": [{"out/c.txt": {"cache": False}}]},
+    }
+    (pipe / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    return tmp_path
+
+
+def _runs(repo: Path) -> list[str]:
+    path = repo / "markers" / "runs"
+    return path.read_text().split() if path.exists() else []
+
+
+def _status(target: str) -> dict:
+    out = subprocess.run(["dvc", "status", target, "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout or "{}")
+
+
+def test_the_graph_links_a_dep_to_the_output_folder_holding_it(repo):
+    stages = load_stages(Path("pipe/dvc.yaml"))
+    assert stages["c"].deps == ("out/a/a.txt", "out/b.txt")
+    assert upstream(stages) == {"a": set(), "b": set(), "c": {"a", "b"}}
+
+
+def test_independent_stages_run_together_and_are_recorded_then_a_rerun_runs_what_changed(repo, capsys):
+    assert run_parallel("pipe/dvc.yaml", jobs=2, threads=1) == 0
+    assert (repo / "out" / "c.txt").read_text() == "ab"
+    assert sorted(_runs(repo)) == ["a", "b", "c"] and _runs(repo)[-1] == "c"
+    assert _status("pipe/dvc.yaml") == {}  # dvc repro would find nothing to do
+    lock = yaml.safe_load((repo / "pipe" / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"a", "b", "c"}
+    assert (repo / "pipe" / "logs" / "a.log").exists()
+
+    assert run_parallel("pipe/dvc.yaml", jobs=2) == 0
+    assert "every stage is up to date" in capsys.readouterr().out
+    assert len(_runs(repo)) == 3
+
+    (repo / "in.txt").write_text("B")  # b's input: b and c rerun, a does not
+    (repo / "markers" / "b_started").unlink()
+    assert run_parallel("pipe/dvc.yaml", jobs=2) == 0
+    assert _runs(repo)[3:] == ["b", "c"]
+    assert (repo / "out" / "c.txt").read_text() == "aB"
+    assert _status("pipe/dvc.yaml") == {}
+
+
+def test_a_failed_stage_stops_what_depends_on_it_and_keeps_what_finished(repo, capsys):
+    dvcfile = repo / "pipe" / "dvc.yaml"
+    raw = yaml.safe_load(dvcfile.read_text())
+    raw["stages"]["b"]["cmd"] = _py("import sys; print('b broke on purpose'); sys.exit(3)")
+    raw["stages"]["a"]["cmd"] = _py(WAIT_FOR_B.replace("'markers/b_started'", "'in.txt'"))
+    dvcfile.write_text(yaml.safe_dump(raw))
+    assert run_parallel("pipe/dvc.yaml", jobs=2, threads=1) == 1
+    out = capsys.readouterr().out
+    assert "FAILED b (exit 3" in out and "b.log" in out
+    assert "b broke on purpose" in (repo / "pipe" / "logs" / "b.log").read_text()
+    assert "c" not in _runs(repo)  # c never started
+    assert set(_status("pipe/dvc.yaml")) == {"pipe/dvc.yaml:b", "pipe/dvc.yaml:c"}  # a is recorded
+
+
+def test_bad_jobs_and_a_pipeline_without_stages_are_refused(repo):
+    with pytest.raises(PipelineError, match="--jobs 0"):
+        run_parallel("pipe/dvc.yaml", jobs=0)
+    (repo / "empty.yaml").write_text("stages: {}\n")
+    with pytest.raises(PipelineError, match="empty.yaml: no stages"):
+        load_stages(Path("empty.yaml"))
+
+
+def test_the_benchmark_refuses_dvc_repro_arguments_with_jobs():
+    from exaggerate.benchmark import BenchmarkError, run_benchmark
+
+    spec = Path(__file__).resolve().parents[1] / "benchmark" / "params.yaml"
+    with pytest.raises(BenchmarkError, match="apply only to --jobs 1"):
+        run_benchmark(spec, ("--keep-going",), jobs=2)
