@@ -96,6 +96,10 @@ def test_the_dvc_graph_shares_upstream_per_task_and_the_oracle_per_dataset(tmp_p
     assert "benchmark/oracles/fashion_mnist/oracle.pt" in run["deps"]
     assert run["cmd"] == "exaggerate benchmark-stage run boots 1"
     assert "digits" in stages and stages["digits"]["outs"] == ["benchmark/data/digits"]
+    # Switching val <-> test reruns the runs only, never a task's classifier and bins.
+    spec_params = lambda st: [p for p in st["params"] if isinstance(p, dict)][0]["benchmark/params.yaml"]  # noqa: E731
+    assert "split" in spec_params(run)
+    assert "split" not in spec_params(stages["upstream_boots"])
 
 
 def test_the_digits_folder_holds_the_real_digits(tmp_path):

@@ -313,8 +313,9 @@ def dvc_yaml(spec: Spec) -> dict:
         st[f"upstream_{task}"] = {
             "wdir": "..", "cmd": f"exaggerate benchmark-stage upstream {task}",
             "deps": [entry["data"], *code(*UPSTREAM_STAGES)],
+            # Not the split: the classifier and the bins do not depend on which queries are judged.
             "params": ["base", "prepare", "classifier", "posteriors", "bin",
-                       {rel: [f"oracles.{entry['oracle']}", f"tasks.{task}", "split"]}],
+                       {rel: [f"oracles.{entry['oracle']}", f"tasks.{task}"]}],
             "outs": [str(task_dir(task) / d) for d in ("prepare", "classifier", "posteriors", "bin")],
         }
         for seed in spec.seeds:
