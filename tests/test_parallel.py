@@ -114,6 +114,27 @@ def test_a_failed_stage_stops_what_depends_on_it_and_keeps_what_finished(repo, c
     assert set(_status("pipe/dvc.yaml")) == {"pipe/dvc.yaml:b", "pipe/dvc.yaml:c"}  # a is recorded
 
 
+def test_an_interrupt_stops_the_running_stages_and_records_none_of_them(repo, monkeypatch):
+    import exaggerate.parallel as parallel
+
+    dvcfile = repo / "pipe" / "dvc.yaml"
+    raw = yaml.safe_load(dvcfile.read_text())
+    raw["stages"]["b"]["cmd"] = _py("import pathlib, time\ntime.sleep(5)\npathlib.Path('out').mkdir(exist_ok=True)\n"
+                                    "pathlib.Path('out/b.txt').write_text('late')\n")
+    dvcfile.write_text(yaml.safe_dump(raw))
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(parallel.time, "sleep", interrupt)  # Ctrl-C at the first wait
+        run_parallel("pipe/dvc.yaml", jobs=2, threads=1)
+    parallel.time.sleep(6)
+    assert not (repo / "out" / "b.txt").exists()  # b was stopped, not left running
+    assert "pipe/dvc.yaml:b" in _status("pipe/dvc.yaml")
+    assert not (repo / "pipe" / "dvc.lock").exists()
+
+
 def test_bad_jobs_and_a_pipeline_without_stages_are_refused(repo):
     with pytest.raises(PipelineError, match="--jobs 0"):
         run_parallel("pipe/dvc.yaml", jobs=0)

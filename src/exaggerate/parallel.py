@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -130,47 +131,58 @@ def run_parallel(dvcfile: str | Path, jobs: int, threads: int = 0, log_dir: str 
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     print(f"{dvcfile}: {total} stage(s) to run, {jobs} at a time, {env['OMP_NUM_THREADS']} thread(s) each; "
           f"logs in {log_dir}/", flush=True)
-    while todo or running:
-        # Collect the stages that finished and record them.
-        for name, (proc, start, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            minutes = (time.monotonic() - start) / 60
-            if proc.returncode != 0:
-                failed.append(name)
-                print(f"FAILED {name} (exit {proc.returncode}, {minutes:.1f} min): see {log_dir / (name + '.log')}",
-                      flush=True)
-                continue
-            res = _dvc("commit", "--force", f"{dvcfile}:{name}")
-            if res.returncode != 0:
-                failed.append(name)
-                print(f"FAILED {name}: dvc commit: {res.stderr.strip()}", flush=True)
-                continue
-            done += 1
-            print(f"[{done}/{total}] {name} done in {minutes:.1f} min", flush=True)
-        if failed:
-            todo.clear()  # start nothing new; wait for the running stages
-        # Start what is ready.
-        for name in sorted(todo):
-            if len(running) >= jobs:
-                break
-            if ups[name] & (todo | set(running)):
-                continue
-            todo.discard(name)
-            if not changed(dvcfile, name):  # its upstream stages reproduced the same outputs
+    try:
+        while todo or running:
+            # Collect the stages that finished and record them.
+            for name, (proc, start, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                minutes = (time.monotonic() - start) / 60
+                if proc.returncode != 0:
+                    failed.append(name)
+                    print(f"FAILED {name} (exit {proc.returncode}, {minutes:.1f} min): see {log_dir / (name + '.log')}",
+                          flush=True)
+                    continue
+                res = _dvc("commit", "--force", f"{dvcfile}:{name}")
+                if res.returncode != 0:
+                    failed.append(name)
+                    print(f"FAILED {name}: dvc commit: {res.stderr.strip()}", flush=True)
+                    continue
                 done += 1
-                print(f"[{done}/{total}] {name} unchanged, skipped", flush=True)
-                continue
-            st = stages[name]
-            log = open(log_dir / f"{name}.log", "w")
-            proc = subprocess.Popen(st.cmd, shell=True, cwd=st.wdir, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
-            running[name] = (proc, time.monotonic(), log)
-            print(f"started {name}: {st.cmd}", flush=True)
-        if running:
-            time.sleep(poll_s)
+                print(f"[{done}/{total}] {name} done in {minutes:.1f} min", flush=True)
+            if failed:
+                todo.clear()  # start nothing new; wait for the running stages
+            # Start what is ready.
+            for name in sorted(todo):
+                if len(running) >= jobs:
+                    break
+                if ups[name] & (todo | set(running)):
+                    continue
+                todo.discard(name)
+                if not changed(dvcfile, name):  # its upstream stages reproduced the same outputs
+                    done += 1
+                    print(f"[{done}/{total}] {name} unchanged, skipped", flush=True)
+                    continue
+                st = stages[name]
+                log = open(log_dir / f"{name}.log", "w")
+                proc = subprocess.Popen(st.cmd, shell=True, cwd=st.wdir, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+                running[name] = (proc, time.monotonic(), log)
+                print(f"started {name}: {st.cmd}", flush=True)
+            if running:
+                time.sleep(poll_s)
+    except BaseException:  # Ctrl-C, or a dvc command that broke: stop the stages, record nothing half-done
+        for name, (proc, _, log) in running.items():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the shell and the command it started
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            log.close()
+            print(f"stopped {name}: not recorded; a rerun starts it again", file=sys.stderr, flush=True)
+        raise
     if failed:
         print(f"{dvcfile}: {len(failed)} stage(s) failed: {', '.join(failed)}; the others are recorded, "
               "a rerun resumes", file=sys.stderr, flush=True)
