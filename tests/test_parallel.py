@@ -2,6 +2,7 @@
 each is recorded in dvc.lock as dvc repro would record it, a rerun runs only what changed, and a
 failure stops new stages without losing the finished ones."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ C = ("import pathlib\n"
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", f"{BIN}:{__import__('os').environ.get('PATH', '')}")
+    monkeypatch.setenv("PATH", f"{BIN}:{os.environ.get('PATH', '')}")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q"], check=True)
