@@ -88,6 +88,9 @@ def test_independent_stages_run_together_and_are_recorded_then_a_rerun_runs_what
     lock = yaml.safe_load((repo / "pipe" / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"a", "b", "c"}
     assert (repo / "pipe" / "logs" / "a.log").exists()
+    # Cached outputs are ignored by git, as dvc repro leaves them; `cache: false` ones are not.
+    ignored = lambda p: subprocess.run(["git", "check-ignore", "-q", p]).returncode == 0  # noqa: E731
+    assert ignored("out/b.txt") and ignored("out/a") and not ignored("out/c.txt")
 
     assert run_parallel("pipe/dvc.yaml", jobs=2) == 0
     assert "every stage is up to date" in capsys.readouterr().out
@@ -98,6 +101,7 @@ def test_independent_stages_run_together_and_are_recorded_then_a_rerun_runs_what
     assert run_parallel("pipe/dvc.yaml", jobs=2) == 0
     assert _runs(repo)[3:] == ["b", "c"]
     assert (repo / "out" / "c.txt").read_text() == "aB"
+    assert (repo / "out" / ".gitignore").read_text().splitlines().count("/b.txt") == 1
     assert _status("pipe/dvc.yaml") == {}
 
 

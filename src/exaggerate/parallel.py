@@ -39,6 +39,8 @@ class Stage:
     wdir: Path
     deps: tuple[str, ...]
     outs: tuple[str, ...]
+    # The outputs DVC caches (not `cache: false`): git must ignore them, as dvc repro arranges.
+    cached: tuple[str, ...] = ()
 
 
 def _paths(entries) -> list[str]:
@@ -47,6 +49,12 @@ def _paths(entries) -> list[str]:
     for e in entries or []:
         out.extend([e] if isinstance(e, str) else list(e))
     return out
+
+
+def _cached(entries) -> list[str]:
+    """The paths of a list of outs that DVC caches (the default; `cache: false` opts out)."""
+    return [p for e in entries or [] for p, opts in ({e: None} if isinstance(e, str) else e).items()
+            if (opts or {}).get("cache", True)]
 
 
 def load_stages(dvcfile: Path) -> dict[str, Stage]:
@@ -67,9 +75,10 @@ def load_stages(dvcfile: Path) -> dict[str, Stage]:
                              "run it with dvc repro")
         wdir = Path(os.path.normpath(root / st.get("wdir", ".")))
         rel = lambda p: os.path.normpath(wdir / p)  # noqa: E731
+        kinds = [st.get("outs"), st.get("metrics"), st.get("plots")]
         out[name] = Stage(name, st["cmd"], wdir, tuple(rel(p) for p in _paths(st.get("deps"))),
-                          tuple(rel(p) for p in _paths(st.get("outs")) + _paths(st.get("metrics"))
-                                + _paths(st.get("plots"))))
+                          tuple(rel(p) for k in kinds for p in _paths(k)),
+                          tuple(rel(p) for k in kinds for p in _cached(k)))
     return out
 
 
@@ -81,6 +90,20 @@ def upstream(stages: dict[str, Stage]) -> dict[str, set[str]]:
     """For each stage, the stages producing any of its deps."""
     return {s.name: {o.name for o in stages.values() if o.name != s.name
                      and any(_under(d, out) for d in s.deps for out in o.outs)} for s in stages.values()}
+
+
+def ignore_outputs(stage: Stage) -> None:
+    """Add the stage's cached outputs to the .gitignore beside each, in DVC's form ("/name"):
+    `dvc commit` records a stage without doing so, which `dvc repro` does."""
+    for path in stage.cached:
+        out = Path(path)
+        gitignore = out.parent / ".gitignore"
+        entry = "/" + out.name
+        lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+        if entry not in lines:
+            gitignore.parent.mkdir(parents=True, exist_ok=True)
+            with gitignore.open("a") as fh:
+                fh.write(entry + "\n")
 
 
 def _dvc(*args: str) -> subprocess.CompletedProcess:
@@ -150,6 +173,7 @@ def run_parallel(dvcfile: str | Path, jobs: int, threads: int = 0, log_dir: str 
                     failed.append(name)
                     print(f"FAILED {name}: dvc commit: {res.stderr.strip()}", flush=True)
                     continue
+                ignore_outputs(stages[name])
                 done += 1
                 print(f"[{done}/{total}] {name} done in {minutes:.1f} min", flush=True)
             if failed:
