@@ -96,12 +96,15 @@ def test_independent_stages_run_together_and_are_recorded_then_a_rerun_runs_what
     assert "every stage is up to date" in capsys.readouterr().out
     assert len(_runs(repo)) == 3
 
+    (repo / "out" / ".gitignore").write_text((repo / "out" / ".gitignore").read_text().replace("/b.txt\n", "") + "/x")
     (repo / "in.txt").write_text("B")  # b's input: b and c rerun, a does not
     (repo / "markers" / "b_started").unlink()
     assert run_parallel("pipe/dvc.yaml", jobs=2) == 0
     assert _runs(repo)[3:] == ["b", "c"]
     assert (repo / "out" / "c.txt").read_text() == "aB"
+    # b's entry, removed above behind a last line without its newline, is back on its own line, once
     assert (repo / "out" / ".gitignore").read_text().splitlines().count("/b.txt") == 1
+    assert "/x" in (repo / "out" / ".gitignore").read_text().splitlines()
     assert _status("pipe/dvc.yaml") == {}
 
 

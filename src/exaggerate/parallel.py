@@ -43,18 +43,11 @@ class Stage:
     cached: tuple[str, ...] = ()
 
 
-def _paths(entries) -> list[str]:
-    """Paths of a dvc.yaml list of deps or outs: strings, or one-key mappings {path: options}."""
-    out = []
-    for e in entries or []:
-        out.extend([e] if isinstance(e, str) else list(e))
-    return out
-
-
-def _cached(entries) -> list[str]:
-    """The paths of a list of outs that DVC caches (the default; `cache: false` opts out)."""
+def _paths(entries, cached_only: bool = False) -> list[str]:
+    """Paths of a dvc.yaml list of deps or outs: strings, or one-key mappings {path: options};
+    cached_only: only the outputs DVC caches (the default; `cache: false` opts out)."""
     return [p for e in entries or [] for p, opts in ({e: None} if isinstance(e, str) else e).items()
-            if (opts or {}).get("cache", True)]
+            if not cached_only or (opts or {}).get("cache", True)]
 
 
 def load_stages(dvcfile: Path) -> dict[str, Stage]:
@@ -78,7 +71,7 @@ def load_stages(dvcfile: Path) -> dict[str, Stage]:
         kinds = [st.get("outs"), st.get("metrics"), st.get("plots")]
         out[name] = Stage(name, st["cmd"], wdir, tuple(rel(p) for p in _paths(st.get("deps"))),
                           tuple(rel(p) for k in kinds for p in _paths(k)),
-                          tuple(rel(p) for k in kinds for p in _cached(k)))
+                          tuple(rel(p) for k in kinds for p in _paths(k, cached_only=True)))
     return out
 
 
@@ -99,11 +92,10 @@ def ignore_outputs(stage: Stage) -> None:
         out = Path(path)
         gitignore = out.parent / ".gitignore"
         entry = "/" + out.name
-        lines = gitignore.read_text().splitlines() if gitignore.exists() else []
-        if entry not in lines:
-            gitignore.parent.mkdir(parents=True, exist_ok=True)
-            with gitignore.open("a") as fh:
-                fh.write(entry + "\n")
+        text = gitignore.read_text() if gitignore.exists() else ""
+        if entry not in text.splitlines():
+            # A file whose last line lacks its newline keeps that line whole.
+            gitignore.write_text(text + ("\n" if text and not text.endswith("\n") else "") + entry + "\n")
 
 
 def _dvc(*args: str) -> subprocess.CompletedProcess:
