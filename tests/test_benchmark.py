@@ -100,6 +100,9 @@ def test_the_dvc_graph_shares_upstream_per_task_and_the_oracle_per_dataset(tmp_p
     spec_params = lambda st: [p for p in st["params"] if isinstance(p, dict)][0]["benchmark/params.yaml"]  # noqa: E731
     assert "split" in spec_params(run)
     assert "split" not in spec_params(stages["upstream_boots"])
+    # The explainer's checkpoints outlive a rerun of its series; the series and scores do not.
+    assert {"benchmark/runs/boots/s1/explainer": {"persist": True}} in run["outs"]
+    assert {"benchmark/runs/boots/s1/explain", "benchmark/runs/boots/s1/evaluate"} <= {o for o in run["outs"] if isinstance(o, str)}
 
 
 def test_the_digits_folder_holds_the_real_digits(tmp_path):
@@ -171,6 +174,13 @@ def test_the_benchmark_runs_through_dvc_and_reruns_only_what_a_change_reaches(tm
     assert g0.read_bytes() != g1.read_bytes()
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "benchmark run"], root, env)
+    # Switching to the validation split redoes the series and their scores, not the training.
+    s["split"] = "val"
+    write_spec(root / "benchmark" / "params.yaml", s)
+    out = run(["exaggerate", "benchmark"], root, env)
+    assert ran_stages(out.stdout) == {"run_boots_s0", "run_boots_s1", "run_digits_s0", "run_digits_s1", "report"}
+    assert out.stdout.count("resuming explainer training at step") == 4
+    assert "val split" in (root / "benchmark" / "report" / "report.md").read_text()
     # A change to one task's overrides reruns that task and the report, nothing else.
     s["tasks"]["digits"]["classifier"] = {"epochs": 2}
     write_spec(root / "benchmark" / "params.yaml", s)

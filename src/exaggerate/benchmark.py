@@ -170,6 +170,16 @@ def oracle_dir(name: str) -> Path:
     return ROOT / "oracles" / name
 
 
+def run_outs(task: str, seed: int) -> list:
+    """A run stage's outputs. The explainer's folder persists (DVC does not delete it before the
+    stage runs), so a change that reaches only the series or their evaluation (the split, the
+    explain or evaluate settings) resumes each explainer from its checkpoints instead of training
+    it again; a change to the explainer's settings trains in a new checkpoint folder anyway."""
+    r = run_dir(task, seed)
+    return [{str(r / "explainer"): {"persist": True}}, str(r / "explain"), str(r / "evaluate"),
+            str(r / "oracle.json"), str(r / "series_grid.png")]
+
+
 def paths_for(spec: Spec, task: str, seed: Optional[int] = None) -> dict:
     up = task_dir(task)
     paths = {"prepare": up / "prepare", "train_classifier": up / "classifier", "posteriors": up / "posteriors",
@@ -327,7 +337,7 @@ def dvc_yaml(spec: Spec) -> dict:
                          str(o / "metrics.json")],
                 "params": ["base", "explainer", "explain", "evaluate", "tune.fid_weight",
                            {rel: [f"oracles.{entry['oracle']}", f"tasks.{task}", "split"]}],
-                "outs": [str(run_dir(task, seed))],
+                "outs": run_outs(task, seed),
             }
     st["report"] = {
         "wdir": "..", "cmd": "exaggerate benchmark-stage report",
