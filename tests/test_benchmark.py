@@ -174,13 +174,13 @@ def test_the_benchmark_runs_through_dvc_and_reruns_only_what_a_change_reaches(tm
     assert g0.read_bytes() != g1.read_bytes()
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "benchmark run"], root, env)
-    # Switching to the validation split redoes the series and their scores, not the training.
-    s["split"] = "val"
+    # Switching to the test split redoes the series and their scores, not the training.
+    s["split"] = "test"
     write_spec(root / "benchmark" / "params.yaml", s)
     out = run(["exaggerate", "benchmark"], root, env)
     assert ran_stages(out.stdout) == {"run_boots_s0", "run_boots_s1", "run_digits_s0", "run_digits_s1", "report"}
     assert out.stdout.count("resuming explainer training at step") == 4
-    assert "val split" in (root / "benchmark" / "report" / "report.md").read_text()
+    assert "test split" in (root / "benchmark" / "report" / "report.md").read_text()
     # A change to one task's overrides reruns that task and the report, nothing else.
     s["tasks"]["digits"]["classifier"] = {"epochs": 2}
     write_spec(root / "benchmark" / "params.yaml", s)
