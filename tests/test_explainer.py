@@ -114,6 +114,27 @@ def test_augment_translates_each_image_on_its_own():
         augment(x, "cutout", rng)
 
 
+def test_classifier_augment_shifts_less_and_keeps_old_signatures():
+    x = torch.randn(64, 1, 32, 32)
+    rng = torch.Generator().manual_seed(1)
+    padded = torch.nn.functional.pad(x, (2,) * 4, mode="replicate")
+    y = augment(x, "translation", rng, divisor=16)  # up to 32 / 16 = 2 pixels
+    offsets = set()
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(y[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+        assert found, f"image {i} is not shifted by at most 2 pixels"
+        offsets.add(found[0])
+    assert {dy for dy, _ in offsets} == set(range(5))  # every offset within +-2 occurs
+    # Off (the paper's term), the setting leaves signatures as they were before it existed, so
+    # checkpoints and generators made then still load; on, it is another run.
+    base = training_signature(Base(), TINY_EXPLAINER)
+    assert TINY_EXPLAINER.classifier_augment == "none" and "classifier_augment" not in base
+    shifted = training_signature(Base(), dataclasses.replace(TINY_EXPLAINER, classifier_augment="translation"))
+    assert shifted["classifier_augment"] == "translation"
+    with pytest.raises(CheckpointError, match="classifier_augment=None.*classifier_augment='translation'"):
+        check_signature(base, shifted, "step-00000002.pt")
+
+
 def test_conditional_norm_interpolates_between_bins_and_folds_statistics_in_eval():
     torch.manual_seed(0)
     norm = ConditionalBatchNorm2d(3, num_bins=4)

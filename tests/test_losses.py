@@ -118,6 +118,27 @@ def test_every_image_d_sees_goes_through_the_augmentation():
     assert len(seen) == 3  # G's adversarial term: D on the augmented x'
 
 
+def test_classifier_term_reads_f_of_the_classifier_augmented_image_only():
+    seen = []
+
+    def dim_by_half(img):  # stands in for a shift: f must read this image, not x'
+        seen.append(img.clone())
+        return img * 0.5
+
+    plain = make().generator_terms(X, C_X, C_NEW)
+    loss = ExplainerLoss(ShiftGenerator(), MeanPlusBin(), SigmoidOfMean(), 10,
+                         LossWeights(gan=2.0, cyc=5.0, cls=3.0, rec=7.0), classifier_augment=dim_by_half)
+    terms = loss.generator_terms(X, C_X, C_NEW)
+    # one call, on x' = G(x, c') (means 0.2 and 0.3), and f reads its halves (means 0.1 and 0.15)
+    assert len(seen) == 1 and torch.allclose(seen[0].mean(dim=(1, 2, 3)), torch.tensor([0.2, 0.3]))
+    assert terms["classifier"].item() == pytest.approx(bce_by_hand([(sigmoid(0.1), 0.25), (sigmoid(0.15), 0.35)]))
+    # the cycle's classifier term and every other term are the paper's
+    for name in plain:
+        if name != "classifier":
+            assert torch.equal(terms[name], plain[name]), name
+    assert terms["classifier"].item() != pytest.approx(plain["classifier"].item())
+
+
 def test_classifier_term_passes_gradients_through_f_to_g():
     g = nn.Conv2d(1, 1, 1)
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 MODES = ("none", "translation")
 
 
-def augment(x: torch.Tensor, mode: str, rng: torch.Generator, shards: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Shift each image of the batch by up to 1/8 of its size (border pixels repeated),
+def augment(x: torch.Tensor, mode: str, rng: torch.Generator, shards: tuple[int, int] = (0, 1),
+            divisor: int = 8) -> torch.Tensor:
+    """Shift each image of the batch by up to 1/divisor of its size (border pixels repeated),
     differentiably in x. The offsets are drawn on the CPU from `rng` (checkpointed with the run),
     one set per call; "none" returns x itself. shards = (rank, processes): x is this rank's
     contiguous share of a global batch, and the offsets are drawn for the whole global batch and
@@ -20,7 +21,7 @@ def augment(x: torch.Tensor, mode: str, rng: torch.Generator, shards: tuple[int,
         raise ValueError(f"unknown augmentation {mode!r}; known: {', '.join(MODES)}")
     b, _, h, w = x.shape
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    pad = max(1, h // 8)
+    pad = max(1, h // divisor)
     rank, processes = shards
     shift = torch.randint(-pad, pad + 1, (2, b * processes, 1), generator=rng)[:, rank * b:(rank + 1) * b]
     shift = shift.to(x.device)

@@ -20,6 +20,9 @@ from .networks import Discriminator, Generator
 # Settings that do not change what a run computes: a longer run continues a shorter one.
 # Neither how long nor in how many processes: a run resumes from its checkpoints either way.
 _CADENCE = ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries", "seed", "processes")
+# Settings added after runs were recorded, and the value that computes what those runs did: at
+# that value a signature leaves them out, so existing checkpoints and generators keep loading.
+_ADDED_OFF = {"classifier_augment": "none"}
 
 
 class CheckpointError(ArtifactError):
@@ -42,6 +45,9 @@ def training_signature(base: Base, params: ExplainerParams, inputs_digest: str =
     """What a training run depends on: every explainer setting but its length and cadence, the
     data and class explained, and a digest of its inputs (classifier, binned images)."""
     settings = {k: v for k, v in asdict(params).items() if k not in _CADENCE}
+    for key, off in _ADDED_OFF.items():  # files made before the setting existed still load
+        if settings.get(key) == off:
+            del settings[key]
     return {**architecture(base, params), **settings, "seed": training_seed(base, params),
             "dataset": base.dataset, "target": base.target, "inputs": inputs_digest}
 

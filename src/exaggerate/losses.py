@@ -3,7 +3,8 @@
 With x' = G(x, c') and x'' = G(x', c_x), the cycle back to the source bin:
   D:  adversarial     E[relu(1 - D(x, c_x))] + E[relu(1 + D(x', c'))]          (hinge)
   G:  adversarial     -E[D(x', c')]
-      classifier      BCE(f(x'), t(c'))            t(c') = (c' + 0.5) / N, the bin centre
+      classifier      BCE(f(a(x')), t(c'))         t(c') = (c' + 0.5) / N, the bin centre; a: the
+                                                   classifier_augment (identity in the paper)
       classifier_cycle BCE(f(x''), f(x))
       cycle           L1(x, x'')
       embedding       L2(E(x, c_x), E(x', c_x))
@@ -43,13 +44,16 @@ class LossWeights:
 class ExplainerLoss:
     """The conditional GAN's losses against a frozen classifier f.
 
-    `augment` is applied to every image D sees (identity for the paper's D). The networks'
+    `augment` is applied to every image D sees (identity for the paper's D), `classifier_augment`
+    to x' where the classifier term reads it (identity for the paper's term). The networks'
     forward passes run in a fixed order, which keeps batch-norm statistics, spectral-norm
     power iterations and the augmentation's random stream, and so training, reproducible."""
 
     def __init__(self, g, d, f, num_bins: int, weights: LossWeights,
-                 augment: Callable[[torch.Tensor], torch.Tensor] = lambda x: x):
+                 augment: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                 classifier_augment: Callable[[torch.Tensor], torch.Tensor] = lambda x: x):
         self.g, self.d, self.f, self.num_bins, self.w, self.augment = g, d, f, num_bins, weights, augment
+        self.classifier_augment = classifier_augment
 
     def discriminator_terms(self, x: torch.Tensor, c_x: torch.Tensor, c_new: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -70,7 +74,7 @@ class ExplainerLoss:
         with torch.no_grad():
             p_x = self.f(x).float()
         terms = {"adversarial": -self.d(self.augment(x_fake), c_new).mean()}
-        p_fake, p_cycle = self.f(x_fake).float(), self.f(x_cycle).float()
+        p_fake, p_cycle = self.f(self.classifier_augment(x_fake)).float(), self.f(x_cycle).float()
         terms["classifier"] = bce(p_fake, bin_targets(c_new, self.num_bins))
         terms["classifier_cycle"] = bce(p_cycle, p_x)
         terms["cycle"] = (x - x_cycle).abs().mean()

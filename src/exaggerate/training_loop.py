@@ -198,7 +198,9 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
                 else contextlib.nullcontext)
     loss = ExplainerLoss(state.g, state.d, f, base.num_bins,
                          LossWeights(params.lambda_gan, params.lambda_cyc, params.lambda_cls, params.lambda_rec),
-                         lambda img: augment(img, params.augment, state.sampler_rng, (world.rank, world.size)))
+                         lambda img: augment(img, params.augment, state.sampler_rng, (world.rank, world.size)),
+                         lambda img: augment(img, params.classifier_augment, state.sampler_rng,
+                                             (world.rank, world.size), divisor=16))
     sampler = PairSampler(dataset, indices, bins, params.batch_size, state.sampler_rng)
     x_grid = grid_queries(dataset, val_indices, f, params.grid_queries, device).to(device)
     loop = _Loop(state, f, base, params, folder, signature, x_grid, tracker, on_checkpoint, world)
