@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +195,23 @@ def test_the_benchmark_runs_through_dvc_and_reruns_only_what_a_change_reaches(tm
     out = run(["exaggerate", "benchmark"], root, env, check=False)
     assert out.returncode == 2 and "tasks.digits.oracle" in out.stderr and "Traceback" not in out.stderr
     shutil.rmtree(root / "benchmark" / "runs")
+
+
+def test_prepare_store_creates_a_new_sqlite_store_once_for_parallel_stages(tmp_path, monkeypatch):
+    # Two stages opening a store that does not exist yet race on its schema migrations; the
+    # benchmark opens it first, after which any number of processes can use it.
+    import sqlite3
+
+    from exaggerate.tracking import prepare_store
+
+    db = tmp_path / "fresh" / "mlflow.db"
+    db.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert not db.exists()
+    assert prepare_store() == f"sqlite:///{db}"
+    with sqlite3.connect(db) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+    assert {"experiments", "runs", "metrics", "alembic_version"} <= tables
+    procs = [subprocess.Popen([sys.executable, "-c", "from exaggerate.tracking import prepare_store; prepare_store()"],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]

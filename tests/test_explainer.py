@@ -127,8 +127,8 @@ def test_classifier_augment_shifts_less_and_keeps_old_signatures():
     assert {dy for dy, _ in offsets} == set(range(5))  # every offset within +-2 occurs
     # Off (the paper's term), the setting leaves signatures as they were before it existed, so
     # checkpoints and generators made then still load; on, it is another run.
-    base = training_signature(Base(), TINY_EXPLAINER)
-    assert TINY_EXPLAINER.classifier_augment == "none" and "classifier_augment" not in base
+    base = training_signature(Base(), dataclasses.replace(TINY_EXPLAINER, classifier_augment="none"))
+    assert "classifier_augment" not in base
     shifted = training_signature(Base(), dataclasses.replace(TINY_EXPLAINER, classifier_augment="translation"))
     assert shifted["classifier_augment"] == "translation"
     with pytest.raises(CheckpointError, match="classifier_augment=None.*classifier_augment='translation'"):

@@ -378,7 +378,9 @@ def run_benchmark(spec_path: str | Path = SPEC, dvc_args: tuple[str, ...] = (), 
           f"{len(spec.oracles)} oracle(s), evaluated on the {spec.split} split", flush=True)
     if jobs > 1:
         from .parallel import run_parallel
+        from .tracking import prepare_store
 
+        prepare_store()  # before stages open a new store side by side
         return run_parallel(DVC_YAML, jobs, threads)
     cmd = ["dvc", "repro", str(DVC_YAML), *dvc_args]
     print("benchmark: " + " ".join(cmd), flush=True)

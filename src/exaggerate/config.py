@@ -184,7 +184,7 @@ class Explainer:
     # The classifier term BCE(f(x'), t(c')) reads f of x' shifted by up to 1/16 of its size
     # ("translation", a departure from the paper), so that a change counts only if f still reads
     # it after a small shift, as it reads real evidence; "none": the paper's term.
-    classifier_augment: str = field(default="none", metadata=_choices("none", "translation"))
+    classifier_augment: str = field(default="translation", metadata=_choices("none", "translation"))
     # Training processes on this machine (torchrun; gloo on CPUs, NCCL on GPUs), each on its share
     # of the global batch_size: the same steps as one process, up to float rounding.
     processes: int = 1

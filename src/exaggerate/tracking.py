@@ -68,6 +68,17 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
+def prepare_store() -> str:
+    """Open the tracking store once, so that a new SQLite store gets its tables here and not in
+    several stages started at the same moment (each would run MLflow's schema migrations on the
+    same file, and all but one fail). Returns the store's URI."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    return uri
+
+
 def git_commit(cwd: str | Path = ".") -> str:
     """HEAD's commit, with "-dirty" when tracked files other than the pipeline's own products
     (dvc.lock, outputs/, which the stages rewrite as they run) differ from it."""
