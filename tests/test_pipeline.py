@@ -660,8 +660,13 @@ def test_killed_worker_trial_is_failed_and_study_completes(project, env, tmp_pat
             study = optuna.load_study(study_name="explainer-weights", storage=make_storage(storage, 0))
         except KeyError:
             continue
-        if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
-            victim = _worker_pid(main.pid)
+        # The worker that runs a trial (not one still starting up, which has none to fail).
+        running = [t.user_attrs["worker"] for t in study.trials
+                   if t.state == optuna.trial.TrialState.RUNNING and "worker" in t.user_attrs]
+        if running:
+            host, pid = running[0].rsplit(":", 1)
+            assert host == socket.gethostname() and int(pid) in _worker_pids(main.pid), running
+            victim = int(pid)
     assert victim, "no worker with a running trial appeared"
     time.sleep(1.0)
     os.kill(victim, signal.SIGKILL)
@@ -675,13 +680,14 @@ def test_killed_worker_trial_is_failed_and_study_completes(project, env, tmp_pat
     assert "ended abnormally" in out
 
 
-def _worker_pid(parent: int):
-    """A spawned worker process of `parent` (not multiprocessing's resource tracker)."""
+def _worker_pids(parent: int) -> set[int]:
+    """The spawned worker processes of `parent` (not multiprocessing's resource tracker)."""
+    pids = set()
     for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
         cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
         if b"spawn_main" in cmd:
-            return int(child)
-    return None
+            pids.add(int(child))
+    return pids
 
 
 def test_failing_trial_is_recorded_and_study_goes_on(project, env, monkeypatch, tmp_path):

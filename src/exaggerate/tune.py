@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -132,6 +133,9 @@ def _objective(trial, cfg: Config, paths: dict, scorer: Scorer, parent_run_id: O
 
     params = sample_params(trial, cfg)
     multi = cfg.tune.mode == "multi"
+    # Which process on which machine runs the trial: a study spans machines, and a trial failed by
+    # heartbeat is then traced to the worker that stopped beating.
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, parent_run_id=parent_run_id) as run:
         mlflow.set_tags({"optuna.study": trial.study.study_name, "optuna.trial": trial.number})
