@@ -143,6 +143,29 @@ def test_an_interrupt_stops_the_running_stages_and_records_none_of_them(repo, mo
     assert not (repo / "pipe" / "dvc.lock").exists()
 
 
+def test_a_terminate_signal_stops_the_running_stages_like_an_interrupt(repo, monkeypatch):
+    # `kill PID` (SIGTERM) of the runner must not leave its stages running unrecorded: each runs
+    # in its own session, so nothing else would stop them.
+    import os
+    import signal
+
+    import exaggerate.parallel as parallel
+
+    dvcfile = repo / "pipe" / "dvc.yaml"
+    raw = yaml.safe_load(dvcfile.read_text())
+    raw["stages"]["b"]["cmd"] = _py("import pathlib, time\ntime.sleep(5)\npathlib.Path('out').mkdir(exist_ok=True)\n"
+                                    "pathlib.Path('out/b.txt').write_text('late')\n")
+    dvcfile.write_text(yaml.safe_dump(raw))
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(parallel.time, "sleep", lambda _: os.kill(os.getpid(), signal.SIGTERM))
+        run_parallel("pipe/dvc.yaml", jobs=2, threads=1)
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+    parallel.time.sleep(6)
+    assert not (repo / "out" / "b.txt").exists()
+    assert "pipe/dvc.yaml:b" in _status("pipe/dvc.yaml")
+
+
 def test_bad_jobs_and_a_pipeline_without_stages_are_refused(repo):
     with pytest.raises(PipelineError, match="--jobs 0"):
         run_parallel("pipe/dvc.yaml", jobs=0)

@@ -9,7 +9,8 @@ of its upstream stages is still to run, runs the command the dvc.yaml gives it w
 the CPU threads, and once it succeeds `dvc commit` records it in dvc.lock and the cache exactly
 as `dvc repro` would have; a stage whose inputs turn out unchanged is skipped. When a stage
 fails no new stage starts: those running finish and are recorded, and the failed one is named
-with its log, so a rerun resumes from there. Each stage's output goes to its own log file.
+with its log, so a rerun resumes from there. Ctrl-C or a SIGTERM stops the running stages and
+records none of them. Each stage's output goes to its own log file.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +148,11 @@ def run_parallel(dvcfile: str | Path, jobs: int, threads: int = 0, log_dir: str 
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     print(f"{dvcfile}: {total} stage(s) to run, {jobs} at a time, {env['OMP_NUM_THREADS']} thread(s) each; "
           f"logs in {log_dir}/", flush=True)
+    def terminated(signum, frame):  # `kill` or a scheduler's stop: the same as Ctrl-C
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if on_main_thread else None
     try:
         while todo or running:
             # Collect the stages that finished and record them.
@@ -199,6 +206,9 @@ def run_parallel(dvcfile: str | Path, jobs: int, threads: int = 0, log_dir: str 
             log.close()
             print(f"stopped {name}: not recorded; a rerun starts it again", file=sys.stderr, flush=True)
         raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
         print(f"{dvcfile}: {len(failed)} stage(s) failed: {', '.join(failed)}; the others are recorded, "
               "a rerun resumes", file=sys.stderr, flush=True)
