@@ -122,14 +122,19 @@ def test_a_failed_stage_stops_what_depends_on_it_and_keeps_what_finished(repo, c
     assert set(_status("pipe/dvc.yaml")) == {"pipe/dvc.yaml:b", "pipe/dvc.yaml:c"}  # a is recorded
 
 
-def test_an_interrupt_stops_the_running_stages_and_records_none_of_them(repo, monkeypatch):
-    import exaggerate.parallel as parallel
-
+def _make_b_slow(repo):
+    """Stage b writes out/b.txt only after 5 s: it is still running when the runner is stopped."""
     dvcfile = repo / "pipe" / "dvc.yaml"
     raw = yaml.safe_load(dvcfile.read_text())
     raw["stages"]["b"]["cmd"] = _py("import pathlib, time\ntime.sleep(5)\npathlib.Path('out').mkdir(exist_ok=True)\n"
                                     "pathlib.Path('out/b.txt').write_text('late')\n")
     dvcfile.write_text(yaml.safe_dump(raw))
+
+
+def test_an_interrupt_stops_the_running_stages_and_records_none_of_them(repo, monkeypatch):
+    import exaggerate.parallel as parallel
+
+    _make_b_slow(repo)
 
     def interrupt(_):
         raise KeyboardInterrupt
@@ -151,11 +156,7 @@ def test_a_terminate_signal_stops_the_running_stages_like_an_interrupt(repo, mon
 
     import exaggerate.parallel as parallel
 
-    dvcfile = repo / "pipe" / "dvc.yaml"
-    raw = yaml.safe_load(dvcfile.read_text())
-    raw["stages"]["b"]["cmd"] = _py("import pathlib, time\ntime.sleep(5)\npathlib.Path('out').mkdir(exist_ok=True)\n"
-                                    "pathlib.Path('out/b.txt').write_text('late')\n")
-    dvcfile.write_text(yaml.safe_dump(raw))
+    _make_b_slow(repo)
     before = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(parallel.time, "sleep", lambda _: os.kill(os.getpid(), signal.SIGTERM))
