@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from exaggerate import benchmark as B
+from exaggerate import benchmark_report as R
 from exaggerate.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,15 +131,59 @@ def test_the_report_takes_mean_and_range_over_seeds_and_checks_each_task(tmp_pat
         path = B.run_dir("boots", seed) / "evaluate" / "metrics.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(m))
-    summary = B.summarise(spec)
+    summary = R.summarise(spec)
     boots = summary["tasks"]["boots"]
     assert boots["seeds"] == [0, 1]
     assert boots["metrics"]["mae"] == {"mean": pytest.approx(0.03), "min": 0.02, "max": 0.04, "n": 2}
     assert boots["checks"]["MAE <= 0.05"] is True and boots["checks"]["recon L1 <= 0.05"] is False
     assert boots["checks"]["agreement >= 0.9 x real"] is True and boots["checks"]["speed-up >= 100x"] is True
     assert summary["tasks"]["digits"]["seeds"] == [] and summary["tasks"]["digits"]["checks"]["MAE <= 0.05"] is None
-    text = B.table(summary)
+    text = R.table(summary)
     assert "| boots | 2 | 0.030 [0.020, 0.040] |" in text and "| digits | 0 | absent |" in text
+    assert "| boots | 1 | 0.800 (0.94x) | 0.040 | 0.060 | 5 |" in text
+    assert boots["seeds_split"] is False and "split" not in text.split("Seed by seed")[1]
+
+
+def test_the_report_warns_when_the_seeds_split_and_shows_every_seeds_grid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    spec = B.load_spec(write_spec(tmp_path / "b.yaml", {**spec_dict(), "tasks": {
+        "digits": spec_dict()["tasks"]["digits"]}}))
+    for seed, agreement in ((0, 0.515), (1, 0.133)):  # the digits' test report of 2026-12-01
+        run = B.run_dir("digits", seed)
+        (run / "evaluate").mkdir(parents=True)
+        (run / "evaluate" / "metrics.json").write_text(json.dumps(
+            {"explainer": {"oracle_agreement": agreement}, "real_images": {"oracle_agreement": 0.68}}))
+        Image.new("L", (8, 8), 40 * seed).save(run / "series_grid.png")
+    monkeypatch.setattr(R, "REPORT", tmp_path / "report")
+    monkeypatch.setattr("exaggerate.tracking.benchmark_run", _NoTracker)
+    summary = R.report(spec)
+    assert summary["tasks"]["digits"]["seeds_split"] is True
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "**digits: the seeds split.** Their oracle agreement spans 0.133 to 0.515" in text
+    assert "| digits | 1 | 0.133 (0.20x) | absent | absent | absent |" in text
+    assert sorted(p.name for p in (tmp_path / "report" / "grids").iterdir()) == ["digits.png", "digits_s1.png"]
+    assert "[digits seed 1](grids/digits_s1.png)" in text
+    # A spread below a quarter of the real images' agreement is no split.
+    assert R.seeds_split({"agreement": {"min": 0.63, "max": 0.74, "n": 2}, "real_agreement": {"mean": 0.81}}) is False
+
+
+class _NoTracker:
+    """benchmark_run without an MLflow store: the report's files are what this test reads."""
+    def __init__(self, *args):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def metrics(self, values):
+        pass
+
+    def artifact(self, *args):
+        pass
 
 
 @pytest.mark.slow

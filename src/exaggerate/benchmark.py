@@ -15,8 +15,9 @@ did not transfer. benchmark/params.yaml names
 `exaggerate benchmark` writes benchmark/dvc.yaml from it (one stage per oracle, per task and per
 (task, seed), and the report), then runs `dvc repro benchmark/dvc.yaml`, so a rerun redoes only
 what a change of parameters or code reaches. The report (benchmark/report/) holds one table with
-each metric's mean and range over the seeds per task, the issue's acceptance checks per task, and
-a series grid per task; it is logged to MLflow as one run.
+each metric's mean and range over the seeds per task, the issue's acceptance checks per task, each
+seed's main figures with a warning where the seeds split, and a series grid per task and seed; it
+is logged to MLflow as one run.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import numpy as np
 import yaml
 
 from .config import Config, ConfigError, config_from_dict, load_config
-from .io import read_json, write_json, write_text
+from .io import write_json, write_text
 
 ROOT = Path("benchmark")
 SPEC = ROOT / "params.yaml"
@@ -40,25 +41,6 @@ REPORT = ROOT / "report"
 SPLITS = ("val", "test")
 UPSTREAM_STAGES = ("prepare", "train_classifier", "posteriors", "bin")
 RUN_STAGES = ("train_explainer", "explain", "evaluate")
-# (column, metrics.json key path, format, label)
-COLUMNS = (
-    ("mae", ("explainer", "compatibility_mae"), "MAE"),
-    ("monotone", ("explainer", "monotonic_share"), "monotone"),
-    ("flip", ("explainer", "flip_rate"), "flip"),
-    ("agreement", ("explainer", "oracle_agreement"), "oracle agreement"),
-    ("real_agreement", ("real_images", "oracle_agreement"), "real images' agreement"),
-    ("paper_mae", ("explainer_paper_series", "compatibility_mae"), "paper series MAE"),
-    ("paper_agreement", ("explainer_paper_series", "oracle_agreement"), "paper series agreement"),
-    ("fid", ("explainer", "fid_oracle"), "fid_oracle"),
-    ("baseline_fid", ("baseline", "fid_oracle"), "baseline fid_oracle"),
-    ("kid", ("explainer", "kid_oracle"), "KID_oracle"),
-    ("baseline_kid", ("baseline", "kid_oracle"), "baseline KID_oracle"),
-    ("recon", ("explainer", "reconstruction_l1"), "recon L1"),
-    ("speedup", ("speedup_explainer_vs_baseline",), "speed-up"),
-    ("oracle_task_accuracy", ("oracle_task_accuracy",), "oracle task acc."),
-)
-
-
 class BenchmarkError(ConfigError):
     """A benchmark spec that cannot be run; the message names the file and key."""
 
@@ -207,6 +189,7 @@ def stage(kind: str, name: str, seed: Optional[int] = None, spec_path: str | Pat
     os.environ["EXAGGERATE_EXPERIMENT"] = BENCHMARK_EXPERIMENT
     os.environ["EXAGGERATE_RUN_LABEL"] = f"benchmark {name}" + ("" if seed is None else f" seed {seed}")
     if kind == "report":
+        from .benchmark_report import report
         report(spec)
         return
     if kind == "oracle":
@@ -299,7 +282,8 @@ def dvc_yaml(spec: Spec) -> dict:
     """benchmark/dvc.yaml: a stage per oracle, per task (its upstream), per (task, seed), and the report.
     Paths are the repository's (wdir ..). A stage's code deps are those of the pipeline stages it
     runs (exaggerate.dvc_deps derives them from the imports) and this module, so that a change
-    elsewhere in the package (serving, tuning) leaves finished benchmark runs valid."""
+    elsewhere in the package (serving, tuning, the report's tables in benchmark_report) leaves
+    finished benchmark runs valid."""
     from .dvc_deps import stage_code_deps
 
     def code(*pipeline_stages: str) -> list[str]:
@@ -341,13 +325,13 @@ def dvc_yaml(spec: Spec) -> dict:
             }
     st["report"] = {
         "wdir": "..", "cmd": "exaggerate benchmark-stage report",
-        "deps": code("evaluate") + [str(run_dir(t, s) / "evaluate" / "metrics.json") for t in spec.tasks
-                                    for s in spec.seeds],
+        "deps": code("evaluate") + ["src/exaggerate/benchmark_report.py"]
+        + [str(run_dir(t, s) / "evaluate" / "metrics.json") for t in spec.tasks for s in spec.seeds],
         "params": [{rel: ["split", "seeds", "tasks"]}],
         "outs": [{str(REPORT / "report.md"): {"cache": False}}, {str(REPORT / "grids"): {"cache": False}}],
         "metrics": [{str(REPORT / "summary.json"): {"cache": False}}],
     }
-    st["report"]["deps"] += [str(run_dir(t, s) / "series_grid.png") for t in spec.tasks for s in spec.seeds[:1]]
+    st["report"]["deps"] += [str(run_dir(t, s) / "series_grid.png") for t in spec.tasks for s in spec.seeds]
     return out
 
 
@@ -385,105 +369,6 @@ def run_benchmark(spec_path: str | Path = SPEC, dvc_args: tuple[str, ...] = (), 
     cmd = ["dvc", "repro", str(DVC_YAML), *dvc_args]
     print("benchmark: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
-
-
-# ----------------------------------------------------------------------------- report
-
-def _get(d: dict, keys: tuple) -> Optional[float]:
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None:
-            return None
-        d = d[k]
-    return float(d)
-
-
-def checks(row: dict) -> dict[str, Optional[bool]]:
-    """The issue's acceptance criteria on a task's means (None when a figure is absent)."""
-    def cmp(a, b, fn):
-        return None if a is None or b is None else bool(fn(a, b))
-    m = {k: (v["mean"] if v else None) for k, v in row.items()}
-    return {
-        "MAE <= 0.05": cmp(m["mae"], 0.05, lambda a, b: a <= b),
-        "monotone >= 0.95": cmp(m["monotone"], 0.95, lambda a, b: a >= b),
-        "agreement >= 0.9 x real": cmp(m["agreement"], m["real_agreement"], lambda a, b: a >= 0.9 * b),
-        "recon L1 <= 0.05": cmp(m["recon"], 0.05, lambda a, b: a <= b),
-        "fid_oracle < baseline": cmp(m["fid"], m["baseline_fid"], lambda a, b: a < b),
-        "oracle gate": cmp(m["oracle_task_accuracy"], 0.9, lambda a, b: a >= b),
-        "speed-up >= 100x": cmp(m["speedup"], 100, lambda a, b: a >= b),
-    }
-
-
-def summarise(spec: Spec) -> dict:
-    out = {"split": spec.split, "seeds": spec.seeds, "tasks": {}}
-    for task in spec.tasks:
-        per_seed = {}
-        for seed in spec.seeds:
-            path = run_dir(task, seed) / "evaluate" / "metrics.json"
-            if path.is_file():
-                per_seed[seed] = read_json(path)
-        row = {}
-        for col, keys, _ in COLUMNS:
-            vals = [v for v in (_get(m, keys) for m in per_seed.values()) if v is not None]
-            row[col] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals)),
-                        "n": len(vals)} if vals else None
-        out["tasks"][task] = {"seeds": sorted(per_seed), "metrics": row, "checks": checks(row),
-                              "overrides": {k: v for k, v in spec.tasks[task].items()}}
-    return out
-
-
-def table(summary: dict) -> str:
-    def cell(v, col):
-        if v is None:
-            return "absent"
-        fmt = "{:.0f}" if col == "speedup" else ("{:.3g}" if col in ("fid", "baseline_fid") else "{:.3f}")
-        if col in ("kid", "baseline_kid"):
-            fmt = "{:.4f}"
-        text = fmt.format(v["mean"])
-        return text if v["n"] < 2 or v["min"] == v["max"] else f"{text} [{fmt.format(v['min'])}, {fmt.format(v['max'])}]"
-    lines = ["| task | seeds | " + " | ".join(label for _, _, label in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
-    for task, t in summary["tasks"].items():
-        lines.append(f"| {task} | {len(t['seeds'])} | " + " | ".join(cell(t["metrics"][c], c) for c, _, _ in COLUMNS)
-                     + " |")
-    lines += ["", f"Mean [min, max] over explainer seeds {summary['seeds']}, {summary['split']} split. "
-              "Acceptance checks on the means (yes / no / absent):", ""]
-    names = list(next(iter(summary["tasks"].values()))["checks"]) if summary["tasks"] else []
-    lines += ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for task, t in summary["tasks"].items():
-        lines.append(f"| {task} | " + " | ".join({True: "yes", False: "NO", None: "absent"}[t["checks"][n]]
-                                                for n in names) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def report(spec: Spec) -> dict:
-    import shutil
-
-    from .tracking import benchmark_run
-
-    summary = summarise(spec)
-    text = table(summary)
-    grids = REPORT / "grids"
-    if grids.exists():
-        shutil.rmtree(grids)
-    grids.mkdir(parents=True)
-    for task in spec.tasks:
-        grid = run_dir(task, spec.seeds[0]) / "series_grid.png"
-        if grid.is_file():
-            shutil.copy(grid, grids / f"{task}.png")
-    body = ["# Benchmark report", "", text, "Series grids (first seed): " +
-            ", ".join(f"[{t}](grids/{t}.png)" for t in spec.tasks), ""]
-    write_text(REPORT / "report.md", "\n".join(body))
-    write_json(REPORT / "summary.json", summary)
-    with benchmark_run(spec.split, spec.seeds, list(spec.tasks)) as tracker:
-        for task, t in summary["tasks"].items():
-            tracker.metrics({f"{task}.{col}": v["mean"] for col, v in t["metrics"].items() if v is not None})
-        tracker.artifact(REPORT / "report.md")
-        tracker.artifact(REPORT / "summary.json")
-        for png in sorted(grids.glob("*.png")):
-            tracker.artifact(png, "grids")
-    print(text, end="")
-    print(f"benchmark report: {REPORT / 'report.md'}")
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

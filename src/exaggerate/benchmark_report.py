@@ -1,0 +1,180 @@
+"""The benchmark's report (benchmark/report/): per task the mean and range of each metric over
+the explainer seeds, the issue's acceptance checks on the means, each seed's main figures with a
+warning where the seeds split, and every run's series grid; logged to MLflow as one run.
+
+Only the report stage depends on this module (exaggerate.benchmark.dvc_yaml), so changing how
+results are tabulated never invalidates a finished run."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .benchmark import REPORT, Spec, run_dir
+from .io import read_json, write_json, write_text
+
+# (column, metrics.json key path, format, label)
+COLUMNS = (
+    ("mae", ("explainer", "compatibility_mae"), "MAE"),
+    ("monotone", ("explainer", "monotonic_share"), "monotone"),
+    ("flip", ("explainer", "flip_rate"), "flip"),
+    ("agreement", ("explainer", "oracle_agreement"), "oracle agreement"),
+    ("real_agreement", ("real_images", "oracle_agreement"), "real images' agreement"),
+    ("paper_mae", ("explainer_paper_series", "compatibility_mae"), "paper series MAE"),
+    ("paper_agreement", ("explainer_paper_series", "oracle_agreement"), "paper series agreement"),
+    ("fid", ("explainer", "fid_oracle"), "fid_oracle"),
+    ("baseline_fid", ("baseline", "fid_oracle"), "baseline fid_oracle"),
+    ("kid", ("explainer", "kid_oracle"), "KID_oracle"),
+    ("baseline_kid", ("baseline", "kid_oracle"), "baseline KID_oracle"),
+    ("recon", ("explainer", "reconstruction_l1"), "recon L1"),
+    ("speedup", ("speedup_explainer_vs_baseline",), "speed-up"),
+    ("oracle_task_accuracy", ("oracle_task_accuracy",), "oracle task acc."),
+)
+
+
+# Columns shown seed by seed below the means, and when seeds count as split: their oracle
+# agreements differ by more than this share of the real images' agreement (a mean over two
+# seeds, one plausible and one adversarial, would otherwise read as one middling result).
+PER_SEED = ("agreement", "mae", "recon", "fid")
+SEED_SPLIT = 0.25
+
+
+def _get(d: dict, keys: tuple) -> Optional[float]:
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return float(d)
+
+
+def checks(row: dict) -> dict[str, Optional[bool]]:
+    """The issue's acceptance criteria on a task's means (None when a figure is absent)."""
+    def cmp(a, b, fn):
+        return None if a is None or b is None else bool(fn(a, b))
+    m = {k: (v["mean"] if v else None) for k, v in row.items()}
+    return {
+        "MAE <= 0.05": cmp(m["mae"], 0.05, lambda a, b: a <= b),
+        "monotone >= 0.95": cmp(m["monotone"], 0.95, lambda a, b: a >= b),
+        "agreement >= 0.9 x real": cmp(m["agreement"], m["real_agreement"], lambda a, b: a >= 0.9 * b),
+        "recon L1 <= 0.05": cmp(m["recon"], 0.05, lambda a, b: a <= b),
+        "fid_oracle < baseline": cmp(m["fid"], m["baseline_fid"], lambda a, b: a < b),
+        "oracle gate": cmp(m["oracle_task_accuracy"], 0.9, lambda a, b: a >= b),
+        "speed-up >= 100x": cmp(m["speedup"], 100, lambda a, b: a >= b),
+    }
+
+
+def summarise(spec: Spec) -> dict:
+    out = {"split": spec.split, "seeds": spec.seeds, "tasks": {}}
+    for task in spec.tasks:
+        per_seed = {}
+        for seed in spec.seeds:
+            path = run_dir(task, seed) / "evaluate" / "metrics.json"
+            if path.is_file():
+                per_seed[seed] = read_json(path)
+        row = {}
+        for col, keys, _ in COLUMNS:
+            vals = [v for v in (_get(m, keys) for m in per_seed.values()) if v is not None]
+            row[col] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals)),
+                        "n": len(vals)} if vals else None
+        by_seed = {seed: {col: _get(m, keys) for col, keys, _ in COLUMNS if col in PER_SEED}
+                   for seed, m in sorted(per_seed.items())}
+        out["tasks"][task] = {"seeds": sorted(per_seed), "metrics": row, "checks": checks(row),
+                              "per_seed": by_seed, "seeds_split": seeds_split(row),
+                              "overrides": {k: v for k, v in spec.tasks[task].items()}}
+    return out
+
+
+def seeds_split(row: dict) -> Optional[bool]:
+    """Whether the seeds' oracle agreements differ by more than SEED_SPLIT x the real images'
+    (None with fewer than two seeds or no reference)."""
+    a, real = row.get("agreement"), row.get("real_agreement")
+    if not a or not real or a["n"] < 2 or real["mean"] <= 0:
+        return None
+    return bool(a["max"] - a["min"] > SEED_SPLIT * real["mean"])
+
+
+def table(summary: dict) -> str:
+    def cell(v, col):
+        if v is None:
+            return "absent"
+        fmt = "{:.0f}" if col == "speedup" else ("{:.3g}" if col in ("fid", "baseline_fid") else "{:.3f}")
+        if col in ("kid", "baseline_kid"):
+            fmt = "{:.4f}"
+        text = fmt.format(v["mean"])
+        return text if v["n"] < 2 or v["min"] == v["max"] else f"{text} [{fmt.format(v['min'])}, {fmt.format(v['max'])}]"
+    lines = ["| task | seeds | " + " | ".join(label for _, _, label in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for task, t in summary["tasks"].items():
+        lines.append(f"| {task} | {len(t['seeds'])} | " + " | ".join(cell(t["metrics"][c], c) for c, _, _ in COLUMNS)
+                     + " |")
+    lines += ["", f"Mean [min, max] over explainer seeds {summary['seeds']}, {summary['split']} split. "
+              "Acceptance checks on the means (yes / no / absent):", ""]
+    names = list(next(iter(summary["tasks"].values()))["checks"]) if summary["tasks"] else []
+    lines += ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for task, t in summary["tasks"].items():
+        lines.append(f"| {task} | " + " | ".join({True: "yes", False: "NO", None: "absent"}[t["checks"][n]]
+                                                for n in names) + " |")
+    return "\n".join(lines + per_seed_table(summary)) + "\n"
+
+
+def per_seed_table(summary: dict) -> list[str]:
+    """Each seed's figures, and a warning for every task whose seeds split."""
+    labels = {col: label for col, _, label in COLUMNS}
+    lines = ["", "Seed by seed (agreement as a share of the real images'):", "",
+             "| task | seed | " + " | ".join(labels[c] for c in PER_SEED) + " |", "|---|---|" + "---|" * len(PER_SEED)]
+    for task, t in summary["tasks"].items():
+        real = (t["metrics"].get("real_agreement") or {}).get("mean")
+        for seed, vals in t.get("per_seed", {}).items():
+            cells = []
+            for col in PER_SEED:
+                v = vals.get(col)
+                text = "absent" if v is None else ("{:.3g}" if col == "fid" else "{:.3f}").format(v)
+                if col == "agreement" and v is not None and real:
+                    text += f" ({v / real:.2f}x)"
+                cells.append(text)
+            lines.append(f"| {task} | {seed} | " + " | ".join(cells) + " |")
+    for task, t in summary["tasks"].items():
+        if t.get("seeds_split"):
+            a, real = t["metrics"]["agreement"], t["metrics"]["real_agreement"]["mean"]
+            lines += ["", f"**{task}: the seeds split.** Their oracle agreement spans {a['min']:.3f} to "
+                      f"{a['max']:.3f}, more than {SEED_SPLIT:g} x the real images' {real:.3f}: the mean "
+                      "stands for no seed; look at each seed's grid."]
+    return lines
+
+
+def grid_name(task: str, seed: int, seeds: list[int]) -> str:
+    """The first seed's grid is <task>.png, the others' <task>_s<seed>.png."""
+    return f"{task}.png" if seed == seeds[0] else f"{task}_s{seed}.png"
+
+
+def report(spec: Spec) -> dict:
+    import shutil
+
+    from .tracking import benchmark_run
+
+    summary = summarise(spec)
+    text = table(summary)
+    grids = REPORT / "grids"
+    if grids.exists():
+        shutil.rmtree(grids)
+    grids.mkdir(parents=True)
+    links = []
+    for task in spec.tasks:
+        for k, seed in enumerate(spec.seeds):
+            grid, name = run_dir(task, seed) / "series_grid.png", grid_name(task, seed, spec.seeds)
+            if grid.is_file():
+                shutil.copy(grid, grids / name)
+                links.append(f"[{task} seed {seed}](grids/{name})")
+    body = ["# Benchmark report", "", text, "Series grids: " + ", ".join(links), ""]
+    write_text(REPORT / "report.md", "\n".join(body))
+    write_json(REPORT / "summary.json", summary)
+    with benchmark_run(spec.split, spec.seeds, list(spec.tasks)) as tracker:
+        for task, t in summary["tasks"].items():
+            tracker.metrics({f"{task}.{col}": v["mean"] for col, v in t["metrics"].items() if v is not None})
+        tracker.artifact(REPORT / "report.md")
+        tracker.artifact(REPORT / "summary.json")
+        for png in sorted(grids.glob("*.png")):
+            tracker.artifact(png, "grids")
+    print(text, end="")
+    print(f"benchmark report: {REPORT / 'report.md'}")
+    return summary
