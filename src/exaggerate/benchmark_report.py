@@ -13,7 +13,7 @@ import numpy as np
 from .benchmark import REPORT, Spec, run_dir
 from .io import read_json, write_json, write_text
 
-# (column, metrics.json key path, format, label)
+# (column, metrics.json key path, label)
 COLUMNS = (
     ("mae", ("explainer", "compatibility_mae"), "MAE"),
     ("monotone", ("explainer", "monotonic_share"), "monotone"),
