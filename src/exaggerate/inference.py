@@ -25,7 +25,7 @@ def series(g: Generator, x: torch.Tensor, num_bins: int, conditions: Optional[to
 
 def _embedding(g: Generator, x: torch.Tensor) -> Optional[torch.Tensor]:
     """E(x) per query when g's encoder is shared (explainer.shared_encoder), else None."""
-    return g.embed_queries(x) if getattr(g, "shared_encoder", False) else None
+    return g.encode(x, None) if getattr(g, "shared_encoder", False) else None
 
 
 def _at(g: Generator, x: torch.Tensor, embedding: Optional[torch.Tensor], index: torch.Tensor,
@@ -37,7 +37,7 @@ def _at(g: Generator, x: torch.Tensor, embedding: Optional[torch.Tensor], index:
 def _repeated(g: Generator, x: torch.Tensor, embedding: Optional[torch.Tensor], k: int,
               c: torch.Tensor) -> torch.Tensor:
     """G of every query at k conditions each (c: query-major, B * k): one full pass per pair, or
-    with a shared encoder (embedding from g.embed_queries) one decoder pass per pair."""
+    with a shared encoder (embedding from _embedding) one decoder pass per pair."""
     if embedding is None:
         return g(x.repeat_interleave(k, dim=0), c)
     return g.decode(embedding.repeat_interleave(k, dim=0), c)
@@ -53,7 +53,7 @@ def calibrated_conditions(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: 
     G(x, t) is generated at `probes` evenly spaced conditions and f scores each; f as a function
     of t is taken piecewise linear between them (made non-decreasing along t), and inverted at
     every bin centre. Centres below the first probe's posterior get t = 0, above the last
-    t = N - 1: the generator has no condition beyond its end bins. `embedding`: g.embed_queries(x)
+    t = N - 1: the generator has no condition beyond its end bins. `embedding`: E(x) of each query
     when the encoder is shared (computed here when not given).
     """
     b, dev = x.shape[0], x.device

@@ -167,11 +167,6 @@ class Generator(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x, c), c)
 
-    def embed_queries(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """E(x) of each query when the encoder is shared (decode it at any number of conditions);
-        None otherwise."""
-        return self.encode(x, None) if self.shared_encoder else None
-
     def fold_resampling(self, enabled: bool = True) -> "Generator":
         """Whether eval mode folds each block's resampling into its convolutions (the default;
         GeneratorBlock._forward_folded) or runs the training path's ops."""
