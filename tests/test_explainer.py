@@ -10,7 +10,7 @@ from exaggerate.io import ArtifactError
 from exaggerate.augment import augment
 from exaggerate.checkpoint import (CheckpointError, architecture, build_networks, check_signature, load_generator,
                                    training_signature)
-from exaggerate.inference import calibrated_conditions, explain_series, probe_grid, series
+from exaggerate.inference import calibrated_conditions, explain_series, series
 from exaggerate.training_loop import PairSampler, TrainingDiverged, fit
 from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
@@ -263,73 +263,6 @@ def test_calibrated_series_takes_end_bins_from_the_probes_and_matches_regenerati
     assert counting.images == 3 * 4 + 3 * 10 - reused
     with torch.no_grad():
         assert torch.allclose(s, series(g, x, 10, t), atol=1e-6)
-
-
-def _trained_looking(g: Generator) -> Generator:
-    """Bin pairs and running statistics away from their initial values, in eval mode."""
-    for m in g.modules():
-        if isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 1.0, 0.3)
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-    return g.eval()
-
-
-def _stem_images(g: Generator) -> list[int]:
-    """A counter of the images that enter g's encoder (its stem)."""
-    seen = [0]
-    g.stem.register_forward_hook(lambda module, args, out: seen.__setitem__(0, seen[0] + len(args[0])))
-    return seen
-
-
-def test_shared_encoder_encodes_each_query_once_and_generates_what_full_passes_do():
-    torch.manual_seed(0)
-    f = MeanScore(lambda m: torch.sigmoid(8 * m))
-    x = torch.randn(6, 1, 32, 32)
-    for shared in (False, True):
-        g = _trained_looking(build_networks(Base(), dataclasses.replace(TINY_EXPLAINER, shared_encoder=shared))[0])
-        assert g.shared_encoder is shared
-        seen = _stem_images(g)
-        s, t = explain_series(g, f, x, 10, probes=4)
-        # Shared: one encoder pass per query for all 4 probes and 10 bins; otherwise one per
-        # image generated (the probes, and the bins not taken from a probe).
-        reused = int((t[..., None] == probe_grid(10, 4)).any(-1).sum())
-        assert seen[0] == (len(x) if shared else 4 * len(x) + 10 * len(x) - reused)
-        with torch.no_grad():
-            full = torch.stack([g(x, t[:, k]) for k in range(10)], 1)
-            assert torch.allclose(s, full, atol=1e-5)
-            assert torch.allclose(series(g, x, 10), torch.stack([g(x, torch.full((6,), k)) for k in range(10)], 1),
-                                  atol=1e-5)
-            # The condition reaches the decoder either way, the encoder only when not shared.
-            assert not torch.allclose(g(x, torch.zeros(6)), g(x, torch.full((6,), 9.0)), atol=1e-3)
-            same_embedding = torch.equal(g.encode(x, torch.zeros(6)), g.encode(x, torch.full((6,), 9.0)))
-            assert same_embedding is shared
-
-
-def test_shared_encoder_is_another_architecture_and_trains_reading_x_once(setup, tmp_path):
-    from exaggerate.losses import ExplainerLoss, LossWeights
-    base, ds, splits, f, idx, bins = setup
-    shared = dataclasses.replace(TINY_EXPLAINER, shared_encoder=True)
-    # Off (the paper's), signatures and architectures are what they were before the setting
-    # existed, so generators and checkpoints made then still load; on, it is another network.
-    assert "shared_encoder" not in architecture(base, TINY_EXPLAINER)
-    assert "shared_encoder" not in training_signature(base, TINY_EXPLAINER)
-    assert architecture(base, shared)["shared_encoder"] is True
-    assert training_signature(base, shared)["shared_encoder"] is True
-    # Its G step encodes x once (x' decodes E(x)), then x' for the cycle: 2 images per pair, not 3.
-    for params, per_pair in ((TINY_EXPLAINER, 3), (shared, 2)):
-        g, d = build_networks(base, params)
-        seen = _stem_images(g)
-        loss = ExplainerLoss(g, d, f, base.num_bins, LossWeights(1.0, 1.0, 1.0, 1.0))
-        x = ds.images(idx[:4])
-        terms = loss.generator_terms(x, torch.tensor(bins[:4]), torch.tensor([0, 3, 6, 9]))
-        assert seen[0] == per_pair * 4 and torch.isfinite(loss.generator_total(terms))
-    fit(ds, idx, bins, splits["val"], f, base, shared, tmp_path)
-    g = load_generator(tmp_path / "generator.pt", base, shared)
-    assert g.shared_encoder and len(g.encoder[0].bn1.gamma.weight) == 1
-    with pytest.raises(CheckpointError, match="shared_encoder=True, but the current settings say shared_encoder=None"):
-        load_generator(tmp_path / "generator.pt", base, TINY_EXPLAINER)
 
 
 def test_calibrated_series_of_an_image_does_not_depend_on_its_batch():

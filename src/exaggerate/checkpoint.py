@@ -22,7 +22,7 @@ from .networks import Discriminator, Generator
 _CADENCE = ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries", "seed", "processes")
 # Settings added after runs were recorded, and the value that computes what those runs did: at
 # that value a signature leaves them out, so existing checkpoints and generators keep loading.
-_ADDED_OFF = {"classifier_augment": "none", "shared_encoder": False}
+_ADDED_OFF = {"classifier_augment": "none"}
 
 
 class CheckpointError(ArtifactError):
@@ -31,12 +31,9 @@ class CheckpointError(ArtifactError):
 
 def architecture(base: Base, params: ExplainerParams) -> dict:
     """Settings a generator's weights depend on; a mismatch makes a checkpoint unusable."""
-    arch = {"image_size": base.image_size, "channels": base.channels, "num_bins": base.num_bins,
+    return {"image_size": base.image_size, "channels": base.channels, "num_bins": base.num_bins,
             "generator_widths": list(params.generator_widths),
             "discriminator_widths": list(params.discriminator_widths)}
-    if params.shared_encoder:  # left out when off: generators saved before it existed still load
-        arch["shared_encoder"] = True
-    return arch
 
 
 def training_seed(base: Base, params: ExplainerParams) -> int:
@@ -75,7 +72,7 @@ def check_signature(found: dict, expected: dict, source: str) -> None:
 
 
 def build_networks(base: Base, params: ExplainerParams) -> tuple[Generator, Discriminator]:
-    g = Generator(base.channels, list(params.generator_widths), base.num_bins, params.shared_encoder)
+    g = Generator(base.channels, list(params.generator_widths), base.num_bins)
     d = Discriminator(base.channels, list(params.discriminator_widths), base.num_bins)
     return g, d
 

@@ -185,10 +185,6 @@ class Explainer:
     # ("translation", a departure from the paper), so that a change counts only if f still reads
     # it after a small shift, as it reads real evidence; "none": the paper's term.
     classifier_augment: str = field(default="translation", metadata=_choices("none", "translation"))
-    # The generator's encoder ignores the condition (plain batch norm; a departure from the paper,
-    # whose encoder blocks use conditional batch norm too): E(x) is encoded once per query and
-    # decoded at every condition of its series, and the embedding term asks E(x') = E(x).
-    shared_encoder: bool = False
     # Training processes on this machine (torchrun; gloo on CPUs, NCCL on GPUs), each on its share
     # of the global batch_size: the same steps as one process, up to float rounding.
     processes: int = 1

@@ -19,33 +19,13 @@ def series(g: Generator, x: torch.Tensor, num_bins: int, conditions: Optional[to
     bins 0..N-1, or at real-valued `conditions` of shape (B, N) (calibrated_conditions)."""
     b = x.shape[0]
     c = torch.arange(num_bins, device=x.device).repeat(b) if conditions is None else conditions.flatten()
-    out = _repeated(g, x, _embedding(g, x), num_bins, c)
+    out = g(x.repeat_interleave(num_bins, dim=0), c)
     return out.reshape(b, num_bins, *x.shape[1:])
-
-
-def _embedding(g: Generator, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """E(x) per query when g's encoder is shared (explainer.shared_encoder), else None."""
-    return g.encode(x, None) if getattr(g, "shared_encoder", False) else None
-
-
-def _at(g: Generator, x: torch.Tensor, embedding: Optional[torch.Tensor], index: torch.Tensor,
-        c: torch.Tensor) -> torch.Tensor:
-    """G(x[index], c): a decoder pass of the query's embedding when the encoder is shared."""
-    return g(x[index], c) if embedding is None else g.decode(embedding[index], c)
-
-
-def _repeated(g: Generator, x: torch.Tensor, embedding: Optional[torch.Tensor], k: int,
-              c: torch.Tensor) -> torch.Tensor:
-    """G of every query at k conditions each (c: query-major, B * k): one full pass per pair, or
-    with a shared encoder (embedding from _embedding) one decoder pass per pair."""
-    if embedding is None:
-        return g(x.repeat_interleave(k, dim=0), c)
-    return g.decode(embedding.repeat_interleave(k, dim=0), c)
 
 
 @torch.no_grad()
 def calibrated_conditions(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int, probes: int,
-                          return_probes: bool = False, embedding: Optional[torch.Tensor] = None):
+                          return_probes: bool = False):
     """Per image, the generator conditions t_0 <= ... <= t_{N-1} in [0, N-1] at which f's
     posterior should sit at the bin centres (shape (B, N)); with return_probes, also the probe
     images G(x, t) at the probe conditions (B, probes, C, H, W).
@@ -53,14 +33,11 @@ def calibrated_conditions(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: 
     G(x, t) is generated at `probes` evenly spaced conditions and f scores each; f as a function
     of t is taken piecewise linear between them (made non-decreasing along t), and inverted at
     every bin centre. Centres below the first probe's posterior get t = 0, above the last
-    t = N - 1: the generator has no condition beyond its end bins. `embedding`: E(x) of each query
-    when the encoder is shared (computed here when not given).
+    t = N - 1: the generator has no condition beyond its end bins.
     """
     b, dev = x.shape[0], x.device
     grid = probe_grid(num_bins, probes, dev)
-    if embedding is None:
-        embedding = _embedding(g, x)
-    images = _repeated(g, x, embedding, probes, grid.repeat(b))
+    images = g(x.repeat_interleave(probes, dim=0), grid.repeat(b))
     p = f(images).reshape(b, probes).float()
     # Non-decreasing, then strictly increasing by a negligible ramp so that no segment is flat.
     p = torch.cummax(p, dim=1).values + torch.arange(probes, device=dev) * 1e-6
@@ -91,16 +68,14 @@ def explain_series(g: Generator, f: BlackBox, x: torch.Tensor, num_bins: int,
     if not probes:
         bins = torch.arange(num_bins, device=x.device, dtype=torch.float32).expand(x.shape[0], num_bins)
         return series(g, x, num_bins), bins
-    embedding = _embedding(g, x)  # shared encoder: each query encoded once for all its images
-    conditions, probe_images = calibrated_conditions(g, f, x, num_bins, probes, return_probes=True,
-                                                     embedding=embedding)
+    conditions, probe_images = calibrated_conditions(g, f, x, num_bins, probes, return_probes=True)
     match = conditions[..., None] == probe_grid(num_bins, probes, x.device)  # (B, N, probes)
     reuse = match.any(-1)
     query = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(reuse)
     out = probe_images.new_empty(x.shape[0], num_bins, *x.shape[1:])
     out[reuse] = probe_images[query[reuse], match.int().argmax(-1)[reuse]]
     if not bool(reuse.all()):
-        out[~reuse] = _at(g, x, embedding, query[~reuse], conditions[~reuse])
+        out[~reuse] = g(x[query[~reuse]], conditions[~reuse])
     return out, conditions
 
 

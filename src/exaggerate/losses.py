@@ -7,7 +7,7 @@ With x' = G(x, c') and x'' = G(x', c_x), the cycle back to the source bin:
                                                    classifier_augment (identity in the paper)
       classifier_cycle BCE(f(x''), f(x))
       cycle           L1(x, x'')
-      embedding       L2(E(x, c_x), E(x', c_x))     (E(x), E(x') when explainer.shared_encoder)
+      embedding       L2(E(x, c_x), E(x', c_x))
       reconstruction  L1(x, G(x, c_x))             (not in the paper; computed when lambda_rec > 0)
 G's total is lambda_gan * adversarial + lambda_cls * (classifier + classifier_cycle)
 + lambda_cyc * (cycle + embedding) + lambda_rec * reconstruction; D's is lambda_gan * adversarial.
@@ -68,8 +68,7 @@ class ExplainerLoss:
     def generator_terms(self, x: torch.Tensor, c_x: torch.Tensor, c_new: torch.Tensor) -> dict[str, torch.Tensor]:
         g = self.g
         embed_x = g.encode(x, c_x)
-        # A shared encoder's E(x) serves every condition: x' decodes it rather than encoding x again.
-        x_fake = g.decode(embed_x, c_new) if getattr(g, "shared_encoder", False) else g(x, c_new)
+        x_fake = g(x, c_new)
         embed_fake = g.encode(x_fake, c_x)
         x_cycle = g.decode(embed_fake, c_x)
         with torch.no_grad():

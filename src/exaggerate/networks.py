@@ -2,16 +2,12 @@
 
 G(x, c): residual encoder-decoder without skip connections; every residual block uses
 conditional batch norm (one gamma/beta pair per posterior bin c). The encoder output is
-the embedding E(x, c) used by the embedding-consistency loss. With shared_encoder (a departure
-from the paper, explainer.shared_encoder) the encoder ignores c: E(x) is computed once per query
-and decoded at every condition of its series.
+the embedding E(x, c) used by the embedding-consistency loss.
 
 D(x, c): spectral-normalised residual blocks, global sum pooling to phi(x), an SN linear
 output plus the ordinal projection sum_{l <= c} <v_l, phi(x)> (one vector per level).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -137,23 +133,19 @@ def _upsample_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Generator(nn.Module):
-    def __init__(self, channels: int, widths: list[int], num_bins: int, shared_encoder: bool = False):
+    def __init__(self, channels: int, widths: list[int], num_bins: int):
         super().__init__()
-        self.num_bins, self.shared_encoder = num_bins, shared_encoder
+        self.num_bins = num_bins
         self.stem = nn.Conv2d(channels, widths[0], 3, 1, 1)
-        # A shared encoder's blocks have one gamma/beta pair (batch norm with its own affine part).
-        encoder_bins = 1 if shared_encoder else num_bins
         self.encoder = nn.ModuleList(
-            GeneratorBlock(widths[i], widths[i + 1], encoder_bins, "down") for i in range(len(widths) - 1))
+            GeneratorBlock(widths[i], widths[i + 1], num_bins, "down") for i in range(len(widths) - 1))
         self.decoder = nn.ModuleList(
             GeneratorBlock(widths[i + 1], widths[i], num_bins, "up") for i in reversed(range(len(widths) - 1)))
         self.out_bn = nn.BatchNorm2d(widths[0])
         self.out_conv = nn.Conv2d(widths[0], channels, 3, 1, 1)
 
-    def encode(self, x: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
-        """The embedding E(x, c); E(x) with a shared encoder, which ignores c (None is then fine)."""
-        if self.shared_encoder:
-            c = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The embedding E(x, c)."""
         h = self.stem(x)
         for block in self.encoder:
             h = block(h, c)
