@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from exaggerate.classifier import BlackBox, load_classifier
 from exaggerate.config import Base, ConfigError
@@ -10,7 +11,7 @@ from exaggerate.io import ArtifactError
 from exaggerate.augment import augment
 from exaggerate.checkpoint import (CheckpointError, architecture, build_networks, check_signature, load_generator,
                                    training_signature)
-from exaggerate.inference import calibrated_conditions, explain_series, series
+from exaggerate.inference import calibrated_conditions, explain_batch, explain_series, keep_detail, series
 from exaggerate.training_loop import PairSampler, TrainingDiverged, fit
 from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
@@ -236,6 +237,17 @@ def test_calibrated_conditions_land_the_posterior_on_the_bin_centres():
     assert t[4] == pytest.approx(4.75, abs=1e-3)
 
 
+class LeftHalf(nn.Module):
+    """f: a given function of the mean of the image's left half."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x[..., : x.shape[-1] // 2].mean(dim=(1, 2, 3)))
+
+
 class CountingGenerator(nn.Module):
     """Wraps G and counts the images it generates."""
 
@@ -263,6 +275,60 @@ def test_calibrated_series_takes_end_bins_from_the_probes_and_matches_regenerati
     assert counting.images == 3 * 4 + 3 * 10 - reused
     with torch.no_grad():
         assert torch.allclose(s, series(g, x, 10, t), atol=1e-6)
+
+
+class BlurAndMark(nn.Module):
+    """G(x, t): x with its fine detail lost (each 2x2 block averaged) and the left half raised by
+    0.1 t: the reconstruction misses the detail, the change sits in one half."""
+
+    def forward(self, x, c):
+        smooth = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest")
+        half = torch.zeros_like(x)
+        half[..., : x.shape[-1] // 2] = 1
+        return smooth + 0.1 * c.float()[:, None, None, None] * half
+
+
+def test_kept_detail_is_the_query_where_g_changes_nothing_and_gs_image_where_it_changes_much():
+    torch.manual_seed(0)
+    x = 0.3 * torch.randn(2, 1, 8, 8)
+    g = BlurAndMark()
+    recon = g(x, torch.zeros(2))
+    far = g(x, torch.full((2,), 9.0))  # the left half changed by 0.9, the right half not at all
+    kept = keep_detail(far, x, recon, 0.5, torch.ones(2))
+    assert torch.allclose(kept[..., 4:], x[..., 4:].clamp(-1, 1), atol=1e-6)  # detail back where G kept still
+    assert torch.equal(kept[..., :4], far[..., :4].clamp(-1, 1))  # G's image where it changed by >= tau
+    near = g(x, torch.full((2,), 2.0))  # changed by 0.2: weight 1 - 0.2 / 0.5 of the detail
+    half = keep_detail(near, x, recon, 0.5, torch.ones(2))[..., :4]
+    assert torch.allclose(half, (near + 0.6 * (x - recon))[..., :4].clamp(-1, 1), atol=1e-6)
+    # The fade scales the weight image by image: none of the detail at 0, a quarter at 0.25.
+    faded = keep_detail(far, x, recon, 0.5, torch.tensor([0.0, 0.25]))
+    assert torch.equal(faded[0], far[0].clamp(-1, 1))
+    assert torch.allclose(faded[1, ..., 4:], (far + 0.25 * (x - recon))[1, ..., 4:].clamp(-1, 1), atol=1e-6)
+
+
+def test_series_with_kept_detail_is_calibrated_on_the_images_it_shows():
+    torch.manual_seed(0)
+    x = 0.3 * torch.randn(3, 1, 8, 8)
+    g = BlurAndMark()
+    # f reads only the left half's mean, which the detail (zero mean over each 2x2 block) leaves alone.
+    f = LeftHalf(lambda m: (m / 0.9).clamp(0, 1))
+    s0, _ = explain_series(g, f, x, 10, probes=4)
+    s, t = explain_series(g, f, x, 10, probes=4, detail=0.5)
+    p = f(s.flatten(0, 1)).reshape(3, 10).numpy()
+    assert compatibility(p)["compatibility_mae"] < 0.05
+    # The right half, which G never changes, is G's blurred copy without the detail, and with it
+    # the query's own fading into G's copy with the distance from the query's bin c_x.
+    source = torch.from_numpy(bin_index(f(x).numpy(), 10))
+    fade = 1 - (t - source[:, None]).abs() / 9
+    smooth = g(x, source)[:, None]
+    expected = (smooth + fade[..., None, None, None] * (x[:, None] - smooth)).clamp(-1, 1)
+    assert torch.allclose(s[..., 4:], expected[..., 4:], atol=1e-6)
+    assert torch.allclose(s0[..., 4:], smooth[..., 4:].expand_as(s0[..., 4:]), atol=1e-6)
+    assert float((s[..., 4:] - s0[..., 4:]).abs().max()) > 0.1
+    # explain_batch passes its own c_x and G(x, c_x) to the series: the same images.
+    out = explain_batch(g, f, x, 10, probes=4, detail=0.5)
+    assert torch.allclose(out["series"], s, atol=1e-6)
+    assert torch.equal(out["source_bin"], source)
 
 
 def test_calibrated_series_of_an_image_does_not_depend_on_its_batch():

@@ -221,11 +221,18 @@ class Explain:
     # A second generator pass and `probes` more images through G and f per query. Used by
     # explain, evaluate (for the explainer and its timing), tuning and `exaggerate explain`.
     probes: int = 4
+    # The query's own detail kept: 0 = off (the paper). tau > 0: what G's reconstruction misses,
+    # x - G(x, c_x), is added back to every image of the series with the weight
+    # (1 - |G(x, t) - G(x, c_x)| / tau) * (1 - |t - c_x| / (N - 1)) per pixel (images in
+    # [-1, 1]): fully where G leaves the query alone at its own bin, fading with the distance
+    # from it, not where G changes the query by tau or more. One more generator pass per query.
+    detail: float = 0.0
 
     def validate(self, key: str) -> None:
         _check(self.num_queries >= 1, f"{key}.num_queries", self.num_queries, "an integer >= 1")
         _check(self.strips >= 0, f"{key}.strips", self.strips, "an integer >= 0")
         _check(self.probes == 0 or self.probes >= 2, f"{key}.probes", self.probes, "0 (off) or an integer >= 2")
+        _check(self.detail >= 0, f"{key}.detail", self.detail, "a number >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

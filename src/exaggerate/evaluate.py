@@ -283,7 +283,7 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
     x_sub = torch.from_numpy(sub["queries"]).to(device)
 
     def explainer(xb):
-        return explain_series(g, f, xb, base.num_bins, probes)[0]
+        return explain_series(g, f, xb, base.num_bins, probes, cfg.explain.detail)[0]
 
     def baseline(xb, steps=params.baseline_steps):
         return pixel_search(f, xb, base.num_bins, steps, params.baseline_lr, params.baseline_lambda,

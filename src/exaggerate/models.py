@@ -147,7 +147,7 @@ class Explainer:
         rows = []
         for i in range(0, len(x), batch_size):
             r = explain_batch(self.g, self.f, x[i:i + batch_size].to(self.device), self.num_bins,
-                              self.cfg.explain.probes)
+                              self.cfg.explain.probes, self.cfg.explain.detail)
             for j in range(len(r["p_query"])):
                 rows.append({"p_query": float(r["p_query"][j]), "source_bin": int(r["source_bin"][j]),
                              "p_series": [float(v) for v in r["p_series"][j]],

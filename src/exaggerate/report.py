@@ -45,6 +45,10 @@ def results_table(summary: dict) -> str:
                      f"first score {summary['explain_probes']} probe conditions per query, then G generates the "
                      "series at the conditions where f crosses the bin centres. Its time per series includes "
                      "both generator passes and f's scoring.")
+    if summary.get("explain_detail"):
+        lines.append(f"The query's own detail is kept (explain.detail = {summary['explain_detail']}): what G's "
+                     "reconstruction misses is added back where G changes little, fading with the distance from "
+                     "the query's bin. The reconstruction L1 is G's own, before the detail is added.")
     if summary.get("speedup_explainer_vs_baseline"):
         def timings(name):
             by_batch = summary[name].get("seconds_per_series_by_batch") or {}
@@ -165,7 +169,7 @@ def comparison_figure(out_dir: Path, compared: dict, n: int, tracker: Tracker) -
 
 
 def summarise(compared: dict, reference: dict, split: str, oracle_metrics: dict, oracle_gate: float,
-              probes: int) -> dict:
+              probes: int, detail: float = 0.0) -> dict:
     """metrics.json: both methods' metrics, the speed-up, the real-image reference and what is absent."""
     results = compared["results"]
     t_explainer = results["explainer"]["seconds_per_series"]
@@ -182,4 +186,6 @@ def summarise(compared: dict, reference: dict, split: str, oracle_metrics: dict,
     }
     if probes:
         summary["explain_probes"] = probes
+    if detail:
+        summary["explain_detail"] = detail
     return summary

@@ -45,12 +45,12 @@ def choose_queries(pool: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 
 def explain_queries(dataset: ImageDataset, query_idx: np.ndarray, f: BlackBox, g: Generator, num_bins: int,
-                    probes: int, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+                    probes: int, batch_size: int, device: torch.device, detail: float = 0.0) -> dict[str, np.ndarray]:
     """explain_batch over the queries, in batches; arrays on the CPU."""
     parts: dict[str, list] = {}
     for start in progress(range(0, len(query_idx), batch_size), desc="explain"):
         x = dataset.images(query_idx[start:start + batch_size]).to(device)
-        out = explain_batch(g, f, x, num_bins, probes)
+        out = explain_batch(g, f, x, num_bins, probes, detail)
         out["query"] = x
         for k, v in out.items():
             parts.setdefault(k, []).append(v.cpu())
@@ -64,7 +64,8 @@ def explain_stage(dataset: ImageDataset, pool: np.ndarray, f: BlackBox, g: Gener
     device = next(g.parameters()).device
     channels_last(g, f, enabled=params.channels_last)
     query_idx = choose_queries(pool, params.num_queries, base.seed)
-    arrays = explain_queries(dataset, query_idx, f, g, base.num_bins, params.probes, params.batch_size, device)
+    arrays = explain_queries(dataset, query_idx, f, g, base.num_bins, params.probes, params.batch_size, device,
+                             params.detail)
     ids = [dataset.ids[i] for i in query_idx]
     labels = dataset.labels[query_idx, 0]
     metrics = series_metrics(arrays["p_series"], arrays["query"], arrays["recon"])
@@ -159,7 +160,7 @@ def explain_files(images: Sequence[str], out: str, params_path: str = "params.ya
     out_dir = Path(out)
     results = []
     for name, x, strip in zip(images, tensors, strip_names(images)):
-        r = explain_batch(g, f, x[None].to(device), cfg.base.num_bins, cfg.explain.probes)
+        r = explain_batch(g, f, x[None].to(device), cfg.base.num_bins, cfg.explain.probes, cfg.explain.detail)
         p_series = r["p_series"][0].cpu().numpy()
         fig = strip_figure(x, r["series"][0].cpu(), p_series, float(r["p_query"][0]),
                            f"{Path(name).name}: p({cfg.base.target}) along the series")

@@ -158,7 +158,7 @@ def evaluate(cfg: Config, paths: dict = PATHS) -> dict:
         if refused:
             compared["absent"]["oracle-based metrics (" + ", ".join(ORACLE_METRICS) + ")"] = refused
         summary = summarise(compared, evaluator.reference(), split, oracle_metrics, cfg.evaluate.oracle_gate,
-                            cfg.explain.probes)
+                            cfg.explain.probes, cfg.explain.detail)
         write_report(out, summary, compared, base, tracker)
         if tracker.parent_run_id:
             log_headline(tracker.parent_run_id, {f"explainer_{k}": v for k, v in summary["explainer"].items()}

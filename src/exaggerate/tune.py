@@ -114,7 +114,7 @@ class Scorer:
         was_training = g.training
         g.eval()
         s = torch.cat([explain_series(g, self.f, self.queries[i:i + 32].to(self.device), self.cfg.base.num_bins,
-                                      self.cfg.explain.probes)[0].cpu()
+                                      self.cfg.explain.probes, self.cfg.explain.detail)[0].cpu()
                        for i in range(0, len(self.queries), 32)])
         g.train(was_training)
         core = self.evaluator.core(s, self.p_query)
