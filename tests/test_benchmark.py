@@ -25,6 +25,11 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage 'benchmark/dvc.yaml:(\w+)'", output))
 
 
+def planned(output: str) -> list[str]:
+    """The stages `exaggerate benchmark --dry-run` lists."""
+    return re.findall(r"^  (\w+)$", output, flags=re.M)
+
+
 def write_spec(path: Path, spec: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -222,18 +227,23 @@ def test_the_benchmark_runs_through_dvc_and_reruns_only_what_a_change_reaches(tm
     assert g0.read_bytes() != g1.read_bytes()
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "benchmark run"], root, env)
-    # Switching to the test split redoes the series and their scores, not the training.
-    s["split"] = "test"
-    write_spec(root / "benchmark" / "params.yaml", s)
-    out = run(["exaggerate", "benchmark"], root, env)
-    assert ran_stages(out.stdout) == {"run_boots_s0", "run_boots_s1", "run_digits_s0", "run_digits_s1", "report"}
-    assert out.stdout.count("resuming explainer training at step") == 4
-    assert "test split" in (root / "benchmark" / "report" / "report.md").read_text()
-    # A change to one task's overrides reruns that task and the report, nothing else.
+    # A change to one task's overrides reaches that task and the report, nothing else (the dry run
+    # names what a run would redo, and runs nothing).
     s["tasks"]["digits"]["classifier"] = {"epochs": 2}
     write_spec(root / "benchmark" / "params.yaml", s)
-    out = run(["exaggerate", "benchmark"], root, env)
-    assert ran_stages(out.stdout) == {"upstream_digits", "run_digits_s0", "run_digits_s1", "report"}
+    out = run(["exaggerate", "benchmark", "--dry-run"], root, env)
+    assert planned(out.stdout) == ["upstream_digits", "run_digits_s0", "run_digits_s1", "report"]
+    s["tasks"]["digits"]["classifier"] = {"epochs": 3}
+    # Switching to the test split redoes the series and their scores, not the training: a run
+    # resumes its explainer from the checkpoints instead of training it again.
+    s["split"] = "test"
+    write_spec(root / "benchmark" / "params.yaml", s)
+    out = run(["exaggerate", "benchmark", "--dry-run"], root, env)
+    assert planned(out.stdout) == ["run_boots_s0", "run_boots_s1", "run_digits_s0", "run_digits_s1", "report"]
+    out = run(["dvc", "repro", "--single-item", "benchmark/dvc.yaml:run_digits_s1"], root, env)
+    assert ran_stages(out.stdout) == {"run_digits_s1"}
+    assert "resuming explainer training at step" in out.stdout
+    assert json.loads((root / "benchmark/runs/digits/s1/explain/metrics.json").read_text())["split"] == "test"
     # A bad spec stops with the file and key named, before DVC runs anything.
     s["tasks"]["digits"]["oracle"] = "mnist"
     write_spec(root / "benchmark" / "params.yaml", s)

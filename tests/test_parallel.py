@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exaggerate.parallel import PipelineError, load_stages, run_parallel, upstream
+from exaggerate.parallel import PipelineError, load_stages, plan, run_parallel, upstream
 
 PY = sys.executable
 BIN = Path(PY).parent
@@ -81,6 +81,7 @@ def test_the_graph_links_a_dep_to_the_output_folder_holding_it(repo):
 
 
 def test_independent_stages_run_together_and_are_recorded_then_a_rerun_runs_what_changed(repo, capsys):
+    assert plan("pipe/dvc.yaml") == ["a", "b", "c"]  # what a run would run, upstream first
     assert run_parallel("pipe/dvc.yaml", jobs=2, threads=1) == 0
     assert (repo / "out" / "c.txt").read_text() == "ab"
     assert sorted(_runs(repo)) == ["a", "b", "c"] and _runs(repo)[-1] == "c"
@@ -99,6 +100,8 @@ def test_independent_stages_run_together_and_are_recorded_then_a_rerun_runs_what
     (repo / "out" / ".gitignore").write_text((repo / "out" / ".gitignore").read_text().replace("/b.txt\n", "") + "/x")
     (repo / "in.txt").write_text("B")  # b's input: b and c rerun, a does not
     (repo / "markers" / "b_started").unlink()
+    assert plan("pipe/dvc.yaml") == ["b", "c"]  # c is not out of date yet, but downstream of b
+    assert _runs(repo)[3:] == []  # planning runs nothing
     assert run_parallel("pipe/dvc.yaml", jobs=2) == 0
     assert _runs(repo)[3:] == ["b", "c"]
     assert (repo / "out" / "c.txt").read_text() == "aB"
@@ -175,9 +178,11 @@ def test_bad_jobs_and_a_pipeline_without_stages_are_refused(repo):
         load_stages(Path("empty.yaml"))
 
 
-def test_the_benchmark_refuses_dvc_repro_arguments_with_jobs():
+def test_the_benchmark_refuses_dvc_repro_arguments_with_jobs_or_a_dry_run():
     from exaggerate.benchmark import BenchmarkError, run_benchmark
 
     spec = Path(__file__).resolve().parents[1] / "benchmark" / "params.yaml"
-    with pytest.raises(BenchmarkError, match="apply only to --jobs 1"):
+    with pytest.raises(BenchmarkError, match="--jobs 2: .*apply only to a run with --jobs 1"):
         run_benchmark(spec, ("--keep-going",), jobs=2)
+    with pytest.raises(BenchmarkError, match="--dry-run: .*apply only to a run with --jobs 1"):
+        run_benchmark(spec, ("--keep-going",), dry_run=True)

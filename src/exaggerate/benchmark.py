@@ -349,17 +349,25 @@ def write_dvc_yaml(spec: Spec, path: Path = DVC_YAML) -> bool:
 
 
 def run_benchmark(spec_path: str | Path = SPEC, dvc_args: tuple[str, ...] = (), jobs: int = 1,
-                  threads: int = 0) -> int:
+                  threads: int = 0, dry_run: bool = False) -> int:
     """Write benchmark/dvc.yaml and run it: with dvc repro, or with jobs > 1 through
-    exaggerate.parallel, which runs that many stages at once and records each with dvc commit."""
+    exaggerate.parallel, which runs that many stages at once and records each with dvc commit.
+    dry_run: print the stages a run would run (a change's reach) and run nothing."""
     spec = load_spec(spec_path)
-    if jobs > 1 and dvc_args:
-        raise BenchmarkError(f"--jobs {jobs}: dvc repro arguments ({' '.join(dvc_args)}) apply only to --jobs 1")
+    if (jobs > 1 or dry_run) and dvc_args:
+        what = "--dry-run" if dry_run else f"--jobs {jobs}"
+        raise BenchmarkError(f"{what}: dvc repro arguments ({' '.join(dvc_args)}) apply only to a run with --jobs 1")
     if write_dvc_yaml(spec):
         print(f"benchmark: wrote {DVC_YAML} from {spec.path}", flush=True)
     runs = len(spec.tasks) * len(spec.seeds)
     print(f"benchmark: {len(spec.tasks)} tasks x {len(spec.seeds)} seeds = {runs} explainer runs, "
           f"{len(spec.oracles)} oracle(s), evaluated on the {spec.split} split", flush=True)
+    if dry_run:
+        from .parallel import plan
+
+        stages = plan(DVC_YAML)
+        print(f"benchmark: {len(stages)} stage(s) would run" + "".join(f"\n  {name}" for name in stages), flush=True)
+        return 0
     if jobs > 1:
         from .parallel import run_parallel
         from .tracking import prepare_store

@@ -46,7 +46,7 @@ def _sweep(args) -> int:
 def _benchmark(args) -> int:
     from .benchmark import run_benchmark
 
-    return run_benchmark(args.spec, tuple(args.dvc_args), jobs=args.jobs, threads=args.threads)
+    return run_benchmark(args.spec, tuple(args.dvc_args), jobs=args.jobs, threads=args.threads, dry_run=args.dry_run)
 
 
 def _benchmark_stage(args) -> int:
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "1: dvc repro, one after another")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per stage with --jobs > 1 (0: the cores shared out)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the stages a run would run (out of date, and all downstream of them); run none")
     p.add_argument("dvc_args", nargs="*", metavar="DVC_ARG",
                    help="passed on to dvc repro after `--` (e.g. -- --keep-going)")
     p.set_defaults(func=_benchmark)

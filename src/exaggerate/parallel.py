@@ -126,6 +126,19 @@ def downstream(names: set[str], ups: dict[str, set[str]]) -> set[str]:
     return seen
 
 
+def plan(dvcfile: str | Path) -> list[str]:
+    """The stages a run of dvcfile would run, upstream first: those `dvc status` finds out of date
+    and every stage downstream of them (`dvc repro --dry` names only the first)."""
+    dvcfile = Path(dvcfile)
+    ups = upstream(load_stages(dvcfile))
+    todo, order = downstream(changed(dvcfile), ups), []
+    while todo:
+        ready = sorted(n for n in todo if not ups[n] & todo)
+        order += ready
+        todo -= set(ready)
+    return order
+
+
 def run_parallel(dvcfile: str | Path, jobs: int, threads: int = 0, log_dir: str | Path = "",
                  cores: Optional[int] = None, poll_s: float = 0.5) -> int:
     """Run the out-of-date stages of dvcfile, at most `jobs` at once; 0 when all succeeded.
