@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import yaml
 
 from fakes import make_fashion
@@ -111,58 +110,6 @@ def project(tmp_path_factory, env) -> Path:
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "pipeline run"], root, env)
     return root
-
-
-class UserNet(nn.Module):
-    """A user's own classifier, unlike ours: plain convolutions, 3 channels at 48x48 in [0, 1],
-    two logits of which the second is explained."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(5)
-        self.conv = nn.Sequential(nn.Conv2d(3, 6, 5, 2), nn.ReLU(), nn.Conv2d(6, 8, 3, 2), nn.ReLU())
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3))) * 20
-
-
-@pytest.mark.parametrize("kind", ["torchscript", "torch_export"])
-def test_pipeline_runs_on_a_users_own_classifier(tmp_path, env, kind):
-    import json
-
-    net = UserNet().eval()
-    if kind == "torchscript":
-        model = tmp_path / "user.pt"
-        torch.jit.script(net).save(str(model))
-    else:
-        model = tmp_path / "user.pt2"
-        program = torch.export.export(net, (torch.rand(2, 3, 48, 48),),
-                                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-        torch.export.save(program, str(model))
-    params = tiny_params()
-    params["classifier"]["external"] = {"path": str(model), "output_index": 1, "input_size": 48, "channels": 3,
-                                        "value_range": [0.0, 1.0], "output": "logit"}
-    (tmp_path / "project").mkdir()
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # not the project's runs
-    root = make_project(tmp_path / "project", env, params)
-    out = run(["dvc", "repro", "explain"], root, env)
-    assert ran_stages(out.stdout) == {"prepare", "train_classifier", "posteriors", "bin", "train_explainer", "explain"}
-    assert json.loads((root / "outputs/classifier/classifier.json").read_text())["kind"] == kind
-    series = json.loads((root / "outputs/explain/series.json").read_text())["queries"]
-    assert len(series) == 12 and all(len(q["p_series"]) == 10 for q in series)
-    # f is the user's network, seen through the adapter: resized to 48, grey to 3 channels, [0, 1].
-    x = torch.zeros(1, 1, 32, 32)
-    want = torch.sigmoid(net(torch.full((1, 3, 48, 48), 0.5)))[0, 1]
-    assert abs(want.item() - _user_f(root, x)) < 1e-5
-    assert "up to date" in run(["dvc", "status", "explain"], root, env).stdout
-
-
-def _user_f(root: Path, x) -> float:
-    from exaggerate.classifier import load_classifier
-    from exaggerate.config import load_config
-
-    return load_classifier(root / "outputs/classifier", load_config(root / "params.yaml").base)(x).item()
 
 
 def test_pipeline_outputs(project):
@@ -1076,66 +1023,3 @@ def test_the_attribute_audit_runs_through_dvc_and_mlflow(project, env, tmp_path)
     runs = [r for r in runs if r.info.status == "FINISHED"]
     assert {"attributes.md", "attributes.png", "attributes.csv"} <= {
         a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
-
-
-# The planted-confounder audit on tiny data: sneakers and boots told apart by a weak cue, 16x16
-# images, a 3x3 mark on every positive and no negative of the biased f's training images.
-CONFOUNDER = {
-    "base": {"image_size": 16, "resize": "resize"},
-    "classifier": {"epochs": 4},
-    "explainer": {"generator_widths": [16, 32], "discriminator_widths": [16, 32], "batch_size": 16, "steps": 1500,
-                  "checkpoint_every": 500, "log_every": 100, "image_every": 1500},
-    "explain": {"batch_size": 16},
-    "audit": {"mark_size": 3, "rate_positive": 1.0, "rate_negative": 0.0, "seeds": [0], "num_queries": 30},
-}
-
-
-def test_the_confounder_audit_finds_the_planted_mark_through_dvc_and_mlflow(tmp_path, env):
-    from fakes import make_fashion_ambiguous
-
-    root = tmp_path / "confounder"
-    root.mkdir()
-    params = tiny_params()
-    for section, values in CONFOUNDER.items():
-        params[section].update(values)
-    for name in ("dvc.yaml", ".dvcignore", "src", "audit"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, root / name)
-    (root / ".dvc").mkdir()
-    for name in ("config", ".gitignore"):
-        shutil.copy(REPO / ".dvc" / name, root / ".dvc" / name)
-    (root / ".gitignore").write_text("mlflow.db\n__pycache__/\n")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    make_fashion_ambiguous(root / "data" / "fashion-mnist")
-    for cmd in (["git", "init", "-q", "-b", "main"], ["dvc", "add", "-q", "data"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "tiny confounder project"]):
-        run(cmd, root, env)
-    e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    out = run(["dvc", "repro", "audit/dvc.yaml:confounder_report"], root, e)
-    assert sorted(re.findall(r"Running stage 'audit/dvc.yaml:(\S+)'", out.stdout)) == [
-        "confounder_classifier@biased", "confounder_classifier@clean", "confounder_explainer@biased-0",
-        "confounder_explainer@clean-0", "confounder_report"]
-    summary = json.loads((root / "results/audit/confounder.json").read_text())
-    biased, clean = summary["arms"]["biased"], summary["arms"]["clean"]
-    # The biased f leans on the mark; the clean f much less.
-    reliance = summary["reliance"]
-    assert reliance["biased"]["accuracy_gap"] > 0.5 > reliance["clean"]["accuracy_gap"]
-    # Its series draw the mark toward the class, the clean f's do not: by a stated margin.
-    assert biased["share_toward"] - clean["share_toward"] >= 0.25, (biased, clean)
-    assert summary["detector"]["accuracy"] == 1.0
-    for name in ("confounder.md", "confounder.png", "confounder_curve.png"):
-        assert (root / "results/audit" / name).stat().st_size > 0
-    import mlflow
-
-    mlflow.set_tracking_uri(e["MLFLOW_TRACKING_URI"])
-    (r,) = [r for r in mlflow.search_runs(experiment_names=["exaggerate"], output_format="list")
-            if r.data.tags.get("dvc_stage") == "audit_confounder"]
-    assert r.data.metrics["biased_share_toward"] == pytest.approx(biased["share_toward"])
-    assert {"confounder.md", "confounder.png", "confounder_curve.png"} <= {
-        a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
-    # A change of the judgement reruns the report only.
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "audit"], root, env)
-    params["audit"]["change_pixels"] = 1
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro", "audit/dvc.yaml:confounder_report"], root, e)
-    assert re.findall(r"Running stage 'audit/dvc.yaml:(\S+)'", out.stdout) == ["confounder_report"]
