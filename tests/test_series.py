@@ -51,3 +51,29 @@ def test_strip_names_stay_unique_when_basenames_repeat():
     # A file already named like a renamed twin does not take its place either.
     assert strip_names(["boot.png", "boot-2.png", "b/boot.png"]) == ["boot_series.png", "boot-2_series.png",
                                                                      "boot-3_series.png"]
+
+
+def test_series_json_says_whether_the_querys_detail_was_kept(fashion_root, tmp_path):
+    import json
+
+    from exaggerate.config import Base, Explain
+    from exaggerate.datasets import open_dataset
+    from exaggerate.networks import Generator
+    from exaggerate.series import explain_stage
+
+    class MeanPixel(nn.Module):
+        def forward(self, x):
+            return ((x.mean(dim=(1, 2, 3)) + 1) / 2)[:, None]
+
+    base = Base(data_root=str(fashion_root))
+    ds = open_dataset(base)
+    f = BlackBox(MeanPixel(), ["t"], base.image_size, 1, output="probability")
+    torch.manual_seed(0)
+    g = Generator(1, [8, 16], 10).eval()
+    for detail in (0.0, 0.5):
+        out = tmp_path / f"detail-{detail}"
+        explain_stage(ds, np.arange(20), f, g, base, Explain(num_queries=4, strips=1, batch_size=4, detail=detail), out)
+        meta = json.loads((out / "series.json").read_text())
+        assert meta["probes"] == 4 and len(meta["queries"]) == 4
+        # Off (the default), series.json is as before the option existed; on, it names tau.
+        assert meta.get("detail") == (0.5 if detail else None)

@@ -74,8 +74,10 @@ def explain_stage(dataset: ImageDataset, pool: np.ndarray, f: BlackBox, g: Gener
              series=arrays["series"], recon=arrays["recon"], p_query=arrays["p_query"],
              p_series=arrays["p_series"], p_recon=arrays["p_recon"], source_bin=arrays["source_bin"],
              conditions=arrays["conditions"])
+    # explain.detail is named only when on: with it off, series.json stays as before the option.
     write_json(out_dir / "series.json", {"num_bins": base.num_bins, "image_size": base.image_size,
                                          "target": base.target, "probes": params.probes,
+                                         **({"detail": params.detail} if params.detail else {}),
                                          "queries": series_table(ids, labels, arrays)})
     write_json(out_dir / "metrics.json", metrics)
     tracker.metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
@@ -173,5 +175,7 @@ def explain_files(images: Sequence[str], out: str, params_path: str = "params.ya
                         "p_recon": float(r["p_recon"][0])})
         print(f"{name}: p={results[-1]['p']:.3f}; along the series " + " ".join(f"{v:.2f}" for v in p_series))
     write_json(out_dir / "posteriors.json", {"target": cfg.base.target, "num_bins": cfg.base.num_bins,
-                                              "probes": cfg.explain.probes, "images": results})
+                                              "probes": cfg.explain.probes,
+                                              **({"detail": cfg.explain.detail} if cfg.explain.detail else {}),
+                                              "images": results})
     return results
