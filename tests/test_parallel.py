@@ -173,16 +173,70 @@ def test_a_terminate_signal_stops_the_running_stages_like_an_interrupt(repo, mon
 def test_bad_jobs_and_a_pipeline_without_stages_are_refused(repo):
     with pytest.raises(PipelineError, match="--jobs 0"):
         run_parallel("pipe/dvc.yaml", jobs=0)
-    (repo / "empty.yaml").write_text("stages: {}\n")
-    with pytest.raises(PipelineError, match="empty.yaml: no stages"):
-        load_stages(Path("empty.yaml"))
+    (repo / "empty").mkdir()
+    (repo / "empty" / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(PipelineError, match="empty/dvc.yaml: no stages"):
+        load_stages(Path("empty/dvc.yaml"))
+    with pytest.raises(PipelineError, match="missing/dvc.yaml: cannot read the pipeline: .*does not exist"):
+        load_stages(Path("missing/dvc.yaml"))
 
 
 def test_the_benchmark_refuses_dvc_repro_arguments_with_jobs_or_a_dry_run():
-    from exaggerate.benchmark import BenchmarkError, run_benchmark
+    from exaggerate.benchmark import run_benchmark
 
     spec = Path(__file__).resolve().parents[1] / "benchmark" / "params.yaml"
-    with pytest.raises(BenchmarkError, match="--jobs 2: .*apply only to a run with --jobs 1"):
+    with pytest.raises(PipelineError, match="--jobs 2: .*apply only to a run with --jobs 1"):
         run_benchmark(spec, ("--keep-going",), jobs=2)
-    with pytest.raises(BenchmarkError, match="--dry-run: .*apply only to a run with --jobs 1"):
+    with pytest.raises(PipelineError, match="--dry-run: .*apply only to a run with --jobs 1"):
         run_benchmark(spec, ("--keep-going",), dry_run=True)
+
+
+# The audit's shape: foreach and matrix stages filled in from vars, and a report whose dep is the
+# folder that holds the per-arm stages' outputs.
+ARM = ("import pathlib, sys\n"
+       "arm, seed = sys.argv[1], sys.argv[2]\n"
+       "open('markers/runs', 'a').write(f'{arm}-{seed}\\n')\n"
+       "pathlib.Path(f'res/{arm}/seed{seed}').mkdir(parents=True, exist_ok=True)\n"
+       "pathlib.Path(f'res/{arm}/seed{seed}/x.txt').write_text(arm + seed)\n")
+REPORT = ("import pathlib\n"
+          "open('markers/runs', 'a').write('report\\n')\n"
+          "found = sorted(str(p) for p in pathlib.Path('res').rglob('x.txt'))\n"
+          "pathlib.Path('report.txt').write_text(' '.join(found))\n")
+
+
+def test_foreach_and_matrix_stages_run_side_by_side_as_dvc_names_them(repo, capsys):
+    (repo / "params.yaml").write_text(yaml.safe_dump({"audit": {"seeds": [0, 1]}}))
+    (repo / "aud").mkdir()
+    arm_cmd = _py(ARM)
+    (repo / "aud" / "dvc.yaml").write_text(yaml.safe_dump({
+        "vars": ["../params.yaml:audit"],
+        "stages": {
+            "explainer": {"matrix": {"arm": ["biased", "clean"], "seed": "${audit.seeds}"}, "wdir": "..",
+                          "cmd": arm_cmd + " ${item.arm} ${item.seed}", "outs": ["res/${item.arm}/seed${item.seed}"]},
+            "extra": {"foreach": ["biased"], "do": {"wdir": "..", "cmd": arm_cmd + " ${item} 9",
+                                                     "outs": ["res/${item}/seed9"]}},
+            "report": {"wdir": "..", "cmd": _py(REPORT), "deps": ["res/biased", "res/clean"],
+                       "outs": [{"report.txt": {"cache": False}}]},
+        }}))
+    stages = load_stages(Path("aud/dvc.yaml"))
+    assert set(stages) == {"explainer@biased-0", "explainer@biased-1", "explainer@clean-0", "explainer@clean-1",
+                           "extra@biased", "report"}
+    assert stages["explainer@clean-1"].cmd.endswith(" clean 1")
+    assert stages["explainer@clean-1"].outs == ("res/clean/seed1",)
+    # the report's dep holds the explainers' outputs: it waits for all of them
+    assert upstream(stages)["report"] == set(stages) - {"report"}
+    assert plan("aud/dvc.yaml")[-1] == "report"
+    assert run_parallel("aud/dvc.yaml", jobs=3, threads=1) == 0
+    assert _runs(repo)[-1] == "report" and len(_runs(repo)) == 6
+    assert len((repo / "report.txt").read_text().split()) == 5
+    assert _status("aud/dvc.yaml") == {}  # each recorded under the name dvc repro gives it
+    lock = yaml.safe_load((repo / "aud" / "dvc.lock").read_text())
+    assert {"explainer@biased-0", "extra@biased", "report"} <= set(lock["stages"])
+
+
+def test_the_audit_command_refuses_dvc_repro_arguments_with_jobs_in_one_line(capsys):
+    from exaggerate.cli import main
+
+    assert main(["audit", "run", "--jobs", "2", "--", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("exaggerate: error: --jobs 2: dvc repro arguments (--force)") and "Traceback" not in err

@@ -22,7 +22,6 @@ is logged to MLflow as one run.
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,30 +352,16 @@ def run_benchmark(spec_path: str | Path = SPEC, dvc_args: tuple[str, ...] = (), 
     """Write benchmark/dvc.yaml and run it: with dvc repro, or with jobs > 1 through
     exaggerate.parallel, which runs that many stages at once and records each with dvc commit.
     dry_run: print the stages a run would run (a change's reach) and run nothing."""
+    from .parallel import check_repro_args, repro
+
     spec = load_spec(spec_path)
-    if (jobs > 1 or dry_run) and dvc_args:
-        what = "--dry-run" if dry_run else f"--jobs {jobs}"
-        raise BenchmarkError(f"{what}: dvc repro arguments ({' '.join(dvc_args)}) apply only to a run with --jobs 1")
+    check_repro_args(dvc_args, jobs, dry_run)  # before anything is written
     if write_dvc_yaml(spec):
         print(f"benchmark: wrote {DVC_YAML} from {spec.path}", flush=True)
     runs = len(spec.tasks) * len(spec.seeds)
     print(f"benchmark: {len(spec.tasks)} tasks x {len(spec.seeds)} seeds = {runs} explainer runs, "
           f"{len(spec.oracles)} oracle(s), evaluated on the {spec.split} split", flush=True)
-    if dry_run:
-        from .parallel import plan
-
-        stages = plan(DVC_YAML)
-        print(f"benchmark: {len(stages)} stage(s) would run" + "".join(f"\n  {name}" for name in stages), flush=True)
-        return 0
-    if jobs > 1:
-        from .parallel import run_parallel
-        from .tracking import prepare_store
-
-        prepare_store()  # before stages open a new store side by side
-        return run_parallel(DVC_YAML, jobs, threads)
-    cmd = ["dvc", "repro", str(DVC_YAML), *dvc_args]
-    print("benchmark: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    return repro(DVC_YAML, dvc_args, jobs, threads, dry_run, "benchmark")
 
 
 def main(argv: list[str] | None = None) -> int:

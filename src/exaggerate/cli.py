@@ -63,6 +63,24 @@ def _make_digits(args) -> int:
     return 0
 
 
+def _jobs_arguments(p, jobs_help: str) -> None:
+    """--jobs, --threads, --dry-run and dvc repro's own arguments, for a command running a dvc.yaml."""
+    p.add_argument("--jobs", type=int, default=1, help=jobs_help)
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per stage with --jobs > 1 (0: the cores shared out)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the stages a run would run (out of date, and all downstream of them); run none")
+    p.add_argument("dvc_args", nargs="*", metavar="DVC_ARG",
+                   help="passed on to dvc repro after `--` (e.g. -- --keep-going)")
+
+
+def _audit_run(args) -> int:
+    from .parallel import repro
+
+    return repro("audit/dvc.yaml", tuple(args.dvc_args), jobs=args.jobs, threads=args.threads, dry_run=args.dry_run,
+                 label="audit")
+
+
 def _audit_attributes(args) -> int:
     from pathlib import Path
 
@@ -186,15 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="the multi-task benchmark: write benchmark/dvc.yaml from "
                        "benchmark/params.yaml and run it with dvc repro")
     p.add_argument("--spec", default="benchmark/params.yaml", help="the benchmark's tasks, seeds and split")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="stages run at once (independent tasks and seeds; on a GPU they share it); "
-                        "1: dvc repro, one after another")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per stage with --jobs > 1 (0: the cores shared out)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list the stages a run would run (out of date, and all downstream of them); run none")
-    p.add_argument("dvc_args", nargs="*", metavar="DVC_ARG",
-                   help="passed on to dvc repro after `--` (e.g. -- --keep-going)")
+    _jobs_arguments(p, "stages run at once (independent tasks and seeds; on a GPU they share it); "
+                    "1: dvc repro, one after another")
     p.set_defaults(func=_benchmark)
 
     p = sub.add_parser("benchmark-stage", help="one benchmark stage (benchmark/dvc.yaml calls this)")
@@ -211,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="the bias audit: what else the series change (attributes) and whether they "
                        "reveal a planted confounder (confounder); docs/AUDIT.md")
     audit = p.add_subparsers(dest="audit", metavar="AUDIT", required=True)
+    a = audit.add_parser("run", help="run audit/dvc.yaml: its out-of-date stages, several at once with --jobs")
+    _jobs_arguments(a, "stages run at once (the confounder's classifiers and explainers; on a GPU they share "
+                    "it); 1: dvc repro, one after another")
+    a.set_defaults(func=_audit_run)
     a = audit.add_parser("attributes", help="the oracle's other classes along the series against real data")
     a.add_argument("--params", default="params.yaml")
     a.add_argument("--out", default="results/audit", help="folder for attributes.csv / .md / .png")

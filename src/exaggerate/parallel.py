@@ -1,10 +1,11 @@
-"""Run a DVC pipeline's stages several at a time: `exaggerate benchmark --jobs N`.
+"""Run a DVC pipeline's stages several at a time: `exaggerate benchmark --jobs N`,
+`exaggerate audit run --jobs N`.
 
 `dvc repro` runs one stage at a time, so the benchmark's explainer runs, independent of each
 other, would wait in line on a machine that can hold several (a GPU, or CPU cores that one
 small training run does not use well). Here the stages `dvc status` reports, and every stage
 downstream of them, are scheduled over the graph of the dvc.yaml (a stage depends on another
-when one of its deps is, or lies under, one of the other's outputs). A stage starts when none
+when one of its deps is, lies under or holds one of the other's outputs). A stage starts when none
 of its upstream stages is still to run, runs the command the dvc.yaml gives it with its share of
 the CPU threads, and once it succeeds `dvc commit` records it in dvc.lock and the cache exactly
 as `dvc repro` would have; a stage whose inputs turn out unchanged is skipped. When a stage
@@ -25,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from .errors import ExaggerateError
 
 
@@ -45,35 +44,29 @@ class Stage:
     cached: tuple[str, ...] = ()
 
 
-def _paths(entries, cached_only: bool = False) -> list[str]:
-    """Paths of a dvc.yaml list of deps or outs: strings, or one-key mappings {path: options};
-    cached_only: only the outputs DVC caches (the default; `cache: false` opts out)."""
-    return [p for e in entries or [] for p, opts in ({e: None} if isinstance(e, str) else e).items()
-            if not cached_only or (opts or {}).get("cache", True)]
-
-
 def load_stages(dvcfile: Path) -> dict[str, Stage]:
-    """The stages of a dvc.yaml, their paths relative to the repository (the file's folder joined
-    with each stage's wdir)."""
+    """The stages of a dvc.yaml as DVC resolves them (foreach and matrix stages expanded, each
+    named as `dvc status` names it, e.g. "explainer@biased-0"; ${...} filled in from vars and
+    params), their paths relative to the current folder."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.dvcfile import load_file
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    rel = lambda p: os.path.relpath(p)  # noqa: E731
     try:
-        raw = yaml.safe_load(Path(dvcfile).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        with Repo(str(Path(dvcfile).parent)) as repo:
+            resolved = dict(load_file(repo, str(dvcfile)).stages)
+            out = {}
+            for name, st in resolved.items():
+                cmd = " && ".join(st.cmd) if isinstance(st.cmd, list) else st.cmd
+                deps = tuple(rel(d.fs_path) for d in st.deps if not isinstance(d, ParamsDependency))
+                out[name] = Stage(name, cmd, Path(rel(st.wdir)), deps, tuple(rel(o.fs_path) for o in st.outs),
+                                  tuple(rel(o.fs_path) for o in st.outs if o.use_cache))
+    except DvcException as exc:
         raise PipelineError(f"{dvcfile}: cannot read the pipeline: {exc}") from exc
-    stages = (raw or {}).get("stages")
-    if not isinstance(stages, dict) or not stages:
+    if not out:
         raise PipelineError(f"{dvcfile}: no stages")
-    root = Path(dvcfile).parent
-    out = {}
-    for name, st in stages.items():
-        if "foreach" in st or "matrix" in st or isinstance(st.get("cmd"), list):
-            raise PipelineError(f"{dvcfile}: stage {name!r}: foreach, matrix and command lists are not supported here; "
-                             "run it with dvc repro")
-        wdir = Path(os.path.normpath(root / st.get("wdir", ".")))
-        rel = lambda p: os.path.normpath(wdir / p)  # noqa: E731
-        kinds = [st.get("outs"), st.get("metrics"), st.get("plots")]
-        out[name] = Stage(name, st["cmd"], wdir, tuple(rel(p) for p in _paths(st.get("deps"))),
-                          tuple(rel(p) for k in kinds for p in _paths(k)),
-                          tuple(rel(p) for k in kinds for p in _paths(k, cached_only=True)))
     return out
 
 
@@ -82,9 +75,11 @@ def _under(path: str, out: str) -> bool:
 
 
 def upstream(stages: dict[str, Stage]) -> dict[str, set[str]]:
-    """For each stage, the stages producing any of its deps."""
+    """For each stage, the stages producing any of its deps: an output that is the dep, lies under
+    it (a dep on a folder holding other stages' outputs) or holds it, as DVC links them."""
     return {s.name: {o.name for o in stages.values() if o.name != s.name
-                     and any(_under(d, out) for d in s.deps for out in o.outs)} for s in stages.values()}
+                     and any(_under(d, out) or _under(out, d) for d in s.deps for out in o.outs)}
+            for s in stages.values()}
 
 
 def ignore_outputs(stage: Stage) -> None:
@@ -228,3 +223,30 @@ def run_parallel(dvcfile: str | Path, jobs: int, threads: int = 0, log_dir: str 
         return 1
     print(f"{dvcfile}: all {total} stage(s) done", flush=True)
     return 0
+
+
+def check_repro_args(dvc_args: tuple[str, ...], jobs: int, dry_run: bool) -> None:
+    """dvc repro's own arguments go only to dvc repro (jobs 1, not a dry run)."""
+    if (jobs > 1 or dry_run) and dvc_args:
+        what = "--dry-run" if dry_run else f"--jobs {jobs}"
+        raise PipelineError(f"{what}: dvc repro arguments ({' '.join(dvc_args)}) apply only to a run with --jobs 1")
+
+
+def repro(dvcfile: str | Path, dvc_args: tuple[str, ...] = (), jobs: int = 1, threads: int = 0,
+          dry_run: bool = False, label: str = "") -> int:
+    """Run dvcfile: with dvc repro (jobs 1; dvc_args passed on), with jobs > 1 through
+    run_parallel, or (dry_run) only print the stages a run would run. label prefixes what it prints."""
+    label = label or str(dvcfile)
+    check_repro_args(dvc_args, jobs, dry_run)
+    if dry_run:
+        stages = plan(dvcfile)
+        print(f"{label}: {len(stages)} stage(s) would run" + "".join(f"\n  {name}" for name in stages), flush=True)
+        return 0
+    if jobs > 1:
+        from .tracking import prepare_store
+
+        prepare_store()  # before stages open a new store side by side
+        return run_parallel(dvcfile, jobs, threads)
+    cmd = ["dvc", "repro", str(dvcfile), *dvc_args]
+    print(f"{label}: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
