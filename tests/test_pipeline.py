@@ -935,14 +935,18 @@ def test_two_gloo_processes_take_the_steps_of_one(project, env, tmp_path):
         return k.endswith(".bias") and not k.startswith("out_") and ".bn" not in k
     worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one
                 if "running" not in k and not pre_norm_bias(k))
-    assert worst < 1e-6, worst
+    # How far rounding carries depends on the CPU's kernels: weights below 1e-6 apart and outputs
+    # below 1e-5 with AVX-512; on an AVX2-only CPU up to 3.9e-6 and 7.7e-5. Processes that trained
+    # on their own halves without averaging would differ by the order of a step (lr) on most weights.
+    lr = yaml.safe_load((work / "params.yaml").read_text())["explainer"]["lr_g"]
+    assert worst < 0.1 * lr, (worst, lr)
     from exaggerate.networks import Generator
     g1, g2 = Generator(1, [8, 16], 10), Generator(1, [8, 16], 10)
     g1.load_state_dict(one)
     g2.load_state_dict(two)
     x, c = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.arange(16) % 10
     with torch.no_grad():
-        assert (g1.train()(x, c) - g2.train()(x, c)).abs().max() < 1e-5  # batch statistics: the function itself
+        assert (g1.train()(x, c) - g2.train()(x, c)).abs().max() < 1e-3  # batch statistics: the function itself
         assert (g1.eval()(x, c) - g2.eval()(x, c)).abs().max() < 1e-2   # running statistics: the biases' drift
     # Rank 0 alone wrote the outputs and the MLflow run.
     import mlflow
