@@ -53,7 +53,7 @@ def load_stages(dvcfile: Path) -> dict[str, Stage]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    rel = lambda p: os.path.relpath(p)  # noqa: E731
+    rel = os.path.relpath
     try:
         with Repo(str(Path(dvcfile).parent)) as repo:
             resolved = dict(load_file(repo, str(dvcfile)).stages)
