@@ -204,7 +204,7 @@ REPORT = ("import pathlib\n"
           "pathlib.Path('report.txt').write_text(' '.join(found))\n")
 
 
-def test_foreach_and_matrix_stages_run_side_by_side_as_dvc_names_them(repo, capsys):
+def test_foreach_and_matrix_stages_run_side_by_side_as_dvc_names_them(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump({"audit": {"seeds": [0, 1]}}))
     (repo / "aud").mkdir()
     arm_cmd = _py(ARM)

@@ -936,8 +936,9 @@ def test_two_gloo_processes_take_the_steps_of_one(project, env, tmp_path):
     worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one
                 if "running" not in k and not pre_norm_bias(k))
     # How far rounding carries depends on the CPU's kernels: weights below 1e-6 apart and outputs
-    # below 1e-5 with AVX-512; on an AVX2-only CPU up to 3.9e-6 and 7.7e-5. Processes that trained
-    # on their own halves without averaging would differ by the order of a step (lr) on most weights.
+    # below 1e-5 with AVX-512; on an AVX2-only CPU up to 3.9e-6 and 7.7e-5. Adam moves a weight by
+    # up to lr per step, so processes that did not average their halves' gradients would be expected
+    # (not measured) to part by that order, ten times this bound.
     lr = yaml.safe_load((work / "params.yaml").read_text())["explainer"]["lr_g"]
     assert worst < 0.1 * lr, (worst, lr)
     from exaggerate.networks import Generator
