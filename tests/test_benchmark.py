@@ -270,3 +270,34 @@ def test_prepare_store_creates_a_new_sqlite_store_once_for_parallel_stages(tmp_p
     procs = [subprocess.Popen([sys.executable, "-c", "from exaggerate.tracking import prepare_store; prepare_store()"],
                               env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
+
+
+def test_the_report_says_what_holds_a_speed_up_below_100x(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    spec = B.load_spec(write_spec(tmp_path / "b.yaml", spec_dict()))
+    for task, speedup, steps in (("boots", 150.0, 200.0), ("digits", 12.0, 20.0)):
+        for seed in (0, 1):
+            m = {"explainer": {"oracle_agreement": 0.8}, "real_images": {"oracle_agreement": 0.85},
+                 "speedup_explainer_vs_baseline": speedup,
+                 "explainer_on_baseline_queries": {"seconds_per_series": 0.011},
+                 "baseline": {"seconds_per_series": 0.011 * speedup},
+                 "cost_per_series": {"generator_mflops_per_image": 55.0, "classifier_mflops_per_image": 9.0 + seed,
+                                     "explainer": {"generator_images": 12.0, "classifier_images": 4.0,
+                                                   "gflop_per_s": 60.0},
+                                     "baseline": {"classifier_images": 10 * (steps + 1), "steps_per_image": steps,
+                                                  "gflop_per_s": 40.0},
+                                     "flops_ratio": 3 * 10 * (steps + 1) * 9.0 / (12 * 55.0 + 4 * 9.0)}}
+            path = B.run_dir(task, seed) / "evaluate" / "metrics.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(m))
+    summary = R.summarise(spec)
+    assert summary["tasks"]["digits"]["cost"]["f_mflops"] == {"mean": 9.5, "min": 9.0, "max": 10.0, "n": 2}
+    text = R.table(summary)
+    assert "| digits | 11 | 132 | 12.0 | 4.0 | 210 | 20 | 55 | 9.5 | 8 | 60 | 40 |" in text
+    assert "**digits: 12x**, made of a FLOP ratio of 8 and FLOP rates of 60 (explainer) against 40" in text
+    assert "reaches its bins in 20 Adam steps per image (210 f passes per series)" in text
+    assert "G that costs 5.8x f per image" in text and "the FLOPs leave too little room" in text
+    assert "**boots:" not in text  # 150x: nothing to explain
+    # Runs evaluated before the cost figures existed: absent, and no sentence.
+    assert R.speedup_limit("old", {"metrics": {"speedup": {"mean": 50.0}}, "cost": {}}) is None

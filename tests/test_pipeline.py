@@ -219,6 +219,12 @@ def test_evaluation_outputs(project):
     assert "fva" in m["absent"] and "mnac" in m["absent"]
     table = (project / "outputs/evaluate/results.md").read_text()
     assert "| flip rate" in table and "baseline (6 queries)" in table
+    # What the speed-up is made of: G's passes and the baseline's steps, with the FLOPs of both.
+    cost = m["cost_per_series"]
+    assert cost["explainer"]["generator_images"] > 0 and cost["explainer"]["classifier_images"] > 0
+    assert cost["baseline"]["steps_per_image"] <= cost["baseline"]["steps_per_image_max"]
+    assert cost["generator_mflops_per_image"] > 0 and cost["classifier_mflops_per_image"] > 0
+    assert cost["flops_ratio"] > 0 and "What a series costs" in table
     assert (project / "outputs/evaluate/oracle_agreement.png").stat().st_size > 0
     assert len(m["explainer"]["oracle_curve"]) == len(m["real_images"]["oracle_curve"]) == 10
     real = m["real_images"]

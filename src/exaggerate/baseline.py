@@ -11,10 +11,13 @@ from .posteriors import bin_centre
 
 
 def pixel_search(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num_bins: int, steps: int,
-                 lr: float, lam: float, tolerance: float) -> torch.Tensor:
+                 lr: float, lam: float, tolerance: float, return_steps: bool = False):
     """Gradient-based counterfactual search in pixel space (Wachter et al. 2017): for each
     query and target bin, minimise (f(x') - t)^2 + lam * mean|x' - x| with Adam, x' clipped
-    to [-1, 1]; an image is kept once |f(x') - t| < tolerance. Returns (B, N, C, H, W)."""
+    to [-1, 1]; an image is kept once |f(x') - t| < tolerance. Returns (B, N, C, H, W); with
+    return_steps, also the Adam steps each image took to reach its bin (B, N; `steps` where it
+    did not) and whether it did (B, N). The batch runs until its slowest image is done: f is
+    evaluated on every image at every step, so a call costs max(steps) passes per image."""
     b = x.shape[0]
     x0 = x.repeat_interleave(num_bins, 0).detach()
     t = torch.from_numpy(bin_centre(np.arange(num_bins), num_bins)).float().to(x.device).repeat(b)
@@ -22,11 +25,13 @@ def pixel_search(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num
     opt = torch.optim.Adam([delta], lr=lr)
     result = x0.clone()
     done = torch.zeros(len(x0), dtype=torch.bool, device=x.device)
-    for _ in range(steps):
+    taken = torch.full((len(x0),), steps, dtype=torch.long, device=x.device)
+    for step in range(steps):
         xp = (x0 + delta).clamp(-1, 1)
         p = f(xp)
         hit = ((p - t).abs() < tolerance) & ~done
         result[hit] = xp[hit].detach()
+        taken[hit] = step
         done |= hit
         if bool(done.all()):
             break
@@ -37,5 +42,8 @@ def pixel_search(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num
     with torch.no_grad():
         last = (x0 + delta).clamp(-1, 1)
         result[~done] = last[~done]
-    return result.reshape(b, num_bins, *x.shape[1:])
+    result = result.reshape(b, num_bins, *x.shape[1:])
+    if return_steps:
+        return result, taken.reshape(b, num_bins), done.reshape(b, num_bins)
+    return result
 

@@ -32,6 +32,22 @@ COLUMNS = (
 )
 
 
+# What the speed-up is made of (evaluate.series_cost), mean over seeds: (column, key path, label).
+COST = (
+    ("explainer_ms", ("explainer_on_baseline_queries", "seconds_per_series"), "explainer ms per series"),
+    ("baseline_ms", ("baseline", "seconds_per_series"), "baseline ms per series"),
+    ("g_images", ("cost_per_series", "explainer", "generator_images"), "G images per series"),
+    ("f_images", ("cost_per_series", "explainer", "classifier_images"), "explainer's f images"),
+    ("b_images", ("cost_per_series", "baseline", "classifier_images"), "baseline's f images"),
+    ("b_steps", ("cost_per_series", "baseline", "steps_per_image"), "baseline steps per image"),
+    ("g_mflops", ("cost_per_series", "generator_mflops_per_image"), "G MFLOPs"),
+    ("f_mflops", ("cost_per_series", "classifier_mflops_per_image"), "f MFLOPs"),
+    ("flops_ratio", ("cost_per_series", "flops_ratio"), "FLOP ratio"),
+    ("e_rate", ("cost_per_series", "explainer", "gflop_per_s"), "explainer GFLOP/s"),
+    ("b_rate", ("cost_per_series", "baseline", "gflop_per_s"), "baseline GFLOP/s"),
+)
+
+
 # Columns shown seed by seed below the means, and when seeds count as split: their oracle
 # agreements differ by more than this share of the real images' agreement (a mean over two
 # seeds, one plausible and one adversarial, would otherwise read as one middling result).
@@ -71,14 +87,15 @@ def summarise(spec: Spec) -> dict:
             path = run_dir(task, seed) / "evaluate" / "metrics.json"
             if path.is_file():
                 per_seed[seed] = read_json(path)
-        row = {}
-        for col, keys, _ in COLUMNS:
-            vals = [v for v in (_get(m, keys) for m in per_seed.values()) if v is not None]
-            row[col] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals)),
-                        "n": len(vals)} if vals else None
+        row, cost = {}, {}
+        for columns, into in ((COLUMNS, row), (COST, cost)):
+            for col, keys, _ in columns:
+                vals = [v for v in (_get(m, keys) for m in per_seed.values()) if v is not None]
+                into[col] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals)),
+                             "n": len(vals)} if vals else None
         by_seed = {seed: {col: _get(m, keys) for col, keys, _ in COLUMNS if col in PER_SEED}
                    for seed, m in sorted(per_seed.items())}
-        out["tasks"][task] = {"seeds": sorted(per_seed), "metrics": row, "checks": checks(row),
+        out["tasks"][task] = {"seeds": sorted(per_seed), "metrics": row, "cost": cost, "checks": checks(row),
                               "per_seed": by_seed, "seeds_split": seeds_split(row),
                               "overrides": {k: v for k, v in spec.tasks[task].items()}}
     return out
@@ -114,7 +131,51 @@ def table(summary: dict) -> str:
     for task, t in summary["tasks"].items():
         lines.append(f"| {task} | " + " | ".join({True: "yes", False: "NO", None: "absent"}[t["checks"][n]]
                                                 for n in names) + " |")
-    return "\n".join(lines + per_seed_table(summary)) + "\n"
+    return "\n".join(lines + per_seed_table(summary) + cost_table(summary)) + "\n"
+
+
+def cost_table(summary: dict) -> list[str]:
+    """What each task's speed-up is made of, and what holds it below 100x where it is."""
+    formats = {"explainer_ms": "{:.3g}", "baseline_ms": "{:.0f}", "g_images": "{:.1f}", "f_images": "{:.1f}",
+               "g_mflops": "{:.3g}", "f_mflops": "{:.3g}", "e_rate": "{:.3g}", "b_rate": "{:.3g}"}
+
+    def cell(v, col):
+        if v is None:
+            return "absent"
+        return formats.get(col, "{:.0f}").format(v["mean"] * (1000 if col.endswith("_ms") else 1))
+    lines = ["", "What a series costs each method (means over seeds; images and steps counted untimed on each "
+             "run's first queries, FLOPs from torch.utils.flop_counter, the baseline's backward taken as twice its "
+             "forward; the speed-up is the FLOP ratio times the quotient of the two FLOP rates):", "",
+             "| task | " + " | ".join(label for _, _, label in COST) + " |", "|---|" + "---|" * len(COST)]
+    for task, t in summary["tasks"].items():
+        c = t.get("cost") or {}
+        lines.append(f"| {task} | " + " | ".join(cell(c.get(col), col) for col, _, _ in COST) + " |")
+    for task, t in summary["tasks"].items():
+        why = speedup_limit(task, t)
+        if why:
+            lines += ["", why]
+    return lines
+
+
+def speedup_limit(task: str, t: dict) -> Optional[str]:
+    """What holds a task's speed-up below 100x (None at 100x or above, or when the runs predate
+    the cost figures). The time ratio is the FLOP ratio times the quotient of the FLOP rates the
+    two methods ran at; the sentence says which of the two falls short."""
+    speedup = (t["metrics"].get("speedup") or {}).get("mean")
+    c = {k: (v or {}).get("mean") for k, v in (t.get("cost") or {}).items()}
+    needed = ("flops_ratio", "e_rate", "b_rate", "b_steps", "b_images", "g_images", "g_mflops", "f_mflops")
+    if speedup is None or speedup >= 100 or any(c.get(k) is None for k in needed):
+        return None
+    text = (f"**{task}: {speedup:.0f}x**, made of a FLOP ratio of {c['flops_ratio']:.0f} and FLOP rates of "
+            f"{c['e_rate']:.3g} (explainer) against {c['b_rate']:.3g} GFLOP/s (baseline). The baseline reaches its "
+            f"bins in {c['b_steps']:.0f} Adam steps per image ({c['b_images']:.0f} f passes per series); the "
+            f"explainer's series is {c['g_images']:.1f} passes of a G that costs {c['g_mflops'] / c['f_mflops']:.1f}x "
+            f"f per image ({c['g_mflops']:.3g} against {c['f_mflops']:.3g} MFLOPs).")
+    if c["flops_ratio"] < 100:
+        return text + (" With a search this short and a G this much larger than f, the FLOPs leave too little "
+                       "room; a classifier that costs more per image raises the ratio (the baseline pays for f at "
+                       "every step, the explainer only at its probes).")
+    return text + (" The FLOPs would allow 100x; the explainer's lower FLOP rate (small convolutions) does not.")
 
 
 def per_seed_table(summary: dict) -> list[str]:

@@ -257,6 +257,73 @@ def fastest_of(explainer: Callable, baseline: Callable, x: torch.Tensor, batches
     return out, by_batch
 
 
+# Queries on which series_cost counts network passes (beside the timed runs, untimed).
+COST_QUERIES = 10
+
+
+class _Counted:
+    """A network called through this wrapper counts the images it is given."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.images = fn, 0
+
+    def __call__(self, x: torch.Tensor, *args):
+        self.images += int(x.shape[0])
+        return self.fn(x, *args)
+
+
+def forward_flops(fn: Callable, *example: torch.Tensor) -> tuple[Optional[float], Optional[str]]:
+    """FLOPs of one call (torch.utils.flop_counter: convolutions and matrix products, 2 per
+    multiply-add), or None and why when the counter cannot follow the model."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn(*example)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        return None, f"torch.utils.flop_counter could not count this model: {exc}"
+    flops = float(counter.get_total_flops())
+    return (flops, None) if flops > 0 else (None, "torch.utils.flop_counter found no convolution or matrix product")
+
+
+def series_cost(explainer: Callable, baseline: Callable, g, f: BlackBox, x: torch.Tensor, baseline_batch: int,
+                num_bins: int, absent: dict) -> dict:
+    """What one series costs each method, counted on the queries x (untimed): the images G and f
+    see per series, the baseline's Adam steps, and the FLOPs these add up to. explainer(xb, g, f)
+    and baseline(xb, steps, f, return_steps) are compare_methods' timed functions; the baseline
+    runs baseline_batch queries per call (its fastest), since a call runs until its slowest image
+    reaches its bin. Its backward pass is counted as twice the forward (the usual estimate for
+    convolutional networks), so its FLOPs are 3x f's forward per image and step."""
+    g_count, f_count = _Counted(g), _Counted(f)
+    explainer(x, g_count, f_count)
+    b_count, taken, reached = _Counted(f), [], []
+    for i in range(0, len(x), baseline_batch):
+        _, t, r = baseline(x[i:i + baseline_batch], f=b_count, return_steps=True)
+        taken.append(t.flatten())
+        reached.append(r.flatten())
+    taken, reached = torch.cat(taken).float(), torch.cat(reached).float()
+    q = max(len(x), 1)
+    g_flops, why_g = forward_flops(g, x[:1], torch.zeros(1, dtype=torch.long, device=x.device))
+    f_flops, why_f = forward_flops(f, x[:1])
+    out = {"queries": int(len(x)),
+           "generator_mflops_per_image": None if g_flops is None else g_flops / 1e6,
+           "classifier_mflops_per_image": None if f_flops is None else f_flops / 1e6,
+           "explainer": {"generator_images": g_count.images / q, "classifier_images": f_count.images / q,
+                         "gflops": None},
+           "baseline": {"classifier_images": b_count.images / q, "queries_per_call": int(baseline_batch),
+                        "steps_per_image": float(taken.mean()), "steps_per_image_max": float(taken.max()),
+                        "reached_share": float(reached.mean()), "gflops": None},
+           "flops_ratio": None}
+    for name, why in (("generator_mflops_per_image", why_g), ("classifier_mflops_per_image", why_f)):
+        if why:
+            absent[f"cost_per_series: {name}"] = why
+    if g_flops is not None and f_flops is not None:
+        e, b = out["explainer"], out["baseline"]
+        e["gflops"] = (e["generator_images"] * g_flops + e["classifier_images"] * f_flops) / 1e9
+        b["gflops"] = 3 * b["classifier_images"] * f_flops / 1e9
+        out["flops_ratio"] = b["gflops"] / e["gflops"] if e["gflops"] > 0 else None
+    return out
+
+
 @torch.no_grad()
 def cycle_l1(g, x: torch.Tensor, source: torch.Tensor, num_bins: int, batch_size: int, device) -> float:
     """Mean L1 of G(G(x, c'), c_x) - x over all target bins c'."""
@@ -282,15 +349,17 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
     sub = {k: v[:nq] for k, v in data.items()}
     x_sub = torch.from_numpy(sub["queries"]).to(device)
 
-    def explainer(xb):
+    def explainer(xb, g=g, f=f):
         return explain_series(g, f, xb, base.num_bins, probes, cfg.explain.detail)[0]
 
-    def baseline(xb, steps=params.baseline_steps):
+    def baseline(xb, steps=params.baseline_steps, f=f, return_steps=False):
         return pixel_search(f, xb, base.num_bins, steps, params.baseline_lr, params.baseline_lambda,
-                            params.baseline_tolerance)
+                            params.baseline_tolerance, return_steps=return_steps)
     out, by_batch = fastest_of(explainer, baseline, x_sub, params.series_batches, params.timing_repeats)
     seconds = {name: min(t.values()) for name, t in by_batch.items()}
     absent: dict[str, str] = {}
+    fastest = int(min(by_batch["baseline"], key=by_batch["baseline"].get))
+    cost = series_cost(explainer, baseline, g, f, x_sub[:COST_QUERIES], fastest, base.num_bins, absent)
     results = {}
     for name, s, d in (("explainer", torch.from_numpy(data["series"]), data),
                        ("explainer_on_baseline_queries", out["explainer"], sub), ("baseline", out["baseline"], sub)):
@@ -312,4 +381,4 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
     if evaluator.oracle is not None:
         for k in sorted(set(range(base.num_bins)) - set(evaluator.real_by_bin)):
             absent[f"fid_oracle_per_bin[{k}]"] = f"fewer than 2 real {cfg.explain.split} images in bin {k}"
-    return {"results": results, "absent": absent, "subset": sub, "series": out}
+    return {"results": results, "absent": absent, "subset": sub, "series": out, "cost": cost}

@@ -57,6 +57,8 @@ def results_table(summary: dict) -> str:
                      "than the baseline, each method at its fastest number of queries per call, measured in "
                      f"turns in the same process (explainer: {timings('explainer_on_baseline_queries')}; "
                      f"baseline: {timings('baseline')} per series).")
+    if summary.get("cost_per_series"):
+        lines.append(cost_text(summary["cost_per_series"], summary.get("speedup_explainer_vs_baseline")))
     real = summary.get("real_images") or {}
     if real.get("oracle_agreement") is not None:
         lines.append(f"Reference: the {real['images']} real {real['split']} images, grouped by f's posterior bin "
@@ -74,6 +76,28 @@ def results_table(summary: dict) -> str:
         lines.append("Absent metrics:")
         lines += [f"- {k}: {v}" for k, v in sorted(summary["absent"].items())]
     return "\n".join(lines) + "\n"
+
+
+def cost_text(cost: dict, speedup) -> str:
+    """What the speed-up is made of (evaluate.series_cost), in one paragraph."""
+    e, b = cost["explainer"], cost["baseline"]
+    g_mf, f_mf = cost.get("generator_mflops_per_image"), cost.get("classifier_mflops_per_image")
+    text = (f"What a series costs (counted on {cost['queries']} queries): the explainer ran G on "
+            f"{e['generator_images']:.1f} images and f on {e['classifier_images']:.1f}; the baseline ran f "
+            f"forward and backward on {b['classifier_images']:.0f} images ({b['queries_per_call']} "
+            f"{'query' if b['queries_per_call'] == 1 else 'queries'} per call; each bin image needed {b['steps_per_image']:.0f} Adam steps on average and at most "
+            f"{b['steps_per_image_max']:.0f}, {b['reached_share']:.0%} reached their bin, and a call runs until "
+            "its slowest image is done).")
+    if g_mf is not None and f_mf is not None:
+        text += (f" G costs {g_mf:.3g} MFLOPs per image and f {f_mf:.3g}: {e['gflops']:.3g} GFLOPs per series "
+                 f"against the baseline's {b['gflops']:.3g} (its backward counted as twice the forward), "
+                 f"a ratio of {cost['flops_ratio']:.0f}")
+        if speedup and e.get("gflop_per_s") and b.get("gflop_per_s"):
+            text += (f"; the time ratio, {speedup:.0f}, is that times the quotient of the rates the two ran at "
+                     f"({e['gflop_per_s']:.3g} GFLOP/s against {b['gflop_per_s']:.3g}).")
+        else:
+            text += "."
+    return text
 
 
 def write_report(out_dir: Path, summary: dict, compared: dict, base: Base, tracker: Tracker) -> None:
@@ -184,6 +208,12 @@ def summarise(compared: dict, reference: dict, split: str, oracle_metrics: dict,
         **{name: {k: v for k, v in r.items() if k != "p_series"} for name, r in results.items()},
         "absent": compared["absent"],
     }
+    if compared.get("cost"):
+        cost = summary["cost_per_series"] = compared["cost"]
+        # The FLOP rate each method ran at: the time ratio is the FLOP ratio times their quotient.
+        for name, t in (("explainer", t_explainer), ("baseline", t_baseline)):
+            gflops = cost[name].get("gflops")
+            cost[name]["gflop_per_s"] = gflops / t if gflops is not None and t > 0 else None
     if probes:
         summary["explain_probes"] = probes
     if detail:
