@@ -3,7 +3,9 @@ queries per call, in one process on the same queries.
 
 The evaluate stage times both methods at each of evaluate.series_batches and compares each at
 its own fastest. This script does the same over any batch sizes given, which is how the
-defaults of evaluate.series_batches were found. Batches of the two methods
+defaults of evaluate.series_batches were found, and then says what the ratio is made of (G's
+and f's passes, the baseline's steps, FLOPs and FLOP rates, counted as evaluate counts them).
+Batches of the two methods
 are timed alternately, so that a slow spell of a shared machine falls on both; the explainer's
 batch, about 100 times shorter, is repeated --repeats times (mean). Needs a trained run
 (outputs/classifier, outputs/explainer/generator.pt, outputs/explain/series.npz).
@@ -24,7 +26,8 @@ import torch
 def main() -> None:
     from exaggerate.classifier import load_classifier
     from exaggerate.config import load_config
-    from exaggerate.evaluate import time_in_turns
+    from exaggerate.evaluate import COST_QUERIES, series_cost, time_in_turns
+    from exaggerate.report import cost_text
     from exaggerate.baseline import pixel_search
     from exaggerate.checkpoint import load_generator
     from exaggerate.inference import explain_series
@@ -90,8 +93,19 @@ def main() -> None:
         print(line, flush=True)
     best_exp = min(rows, key=lambda r: r[1])
     best_base = min(rows, key=lambda r: r[2])
+    ratio = best_base[2] / best_exp[1]
     print(f"each at its fastest: explainer {best_exp[1] * 1000:.2f} ms at {best_exp[0]} per call, baseline "
-          f"{best_base[2]:.3f} s at {best_base[0]} per call: {best_base[2] / best_exp[1]:.1f} times faster")
+          f"{best_base[2]:.3f} s at {best_base[0]} per call: {ratio:.1f} times faster")
+    # What that ratio is made of, counted as evaluate counts it (evaluate.series_cost).
+    cost = series_cost(lambda xb, g, f: explain_series(g, f, xb, base.num_bins, probes)[0],
+                       lambda xb, steps=ev.baseline_steps, f=f, return_steps=False: pixel_search(
+                           f, xb, base.num_bins, steps, ev.baseline_lr, ev.baseline_lambda, ev.baseline_tolerance,
+                           return_steps=return_steps),
+                       g, f, x[:COST_QUERIES], best_base[0], base.num_bins, {})
+    for name, t in (("explainer", best_exp[1]), ("baseline", best_base[2])):
+        gflops = cost[name]["gflops"]
+        cost[name]["gflop_per_s"] = None if gflops is None else gflops / t
+    print(cost_text(cost, ratio))
 
 
 if __name__ == "__main__":

@@ -274,6 +274,8 @@ def test_bench_speedup_times_both_methods_at_each_batch_size(project, env):
         # baseline s / explainer ms, up to the rounding of the printed figures
         assert float(ratio) == pytest.approx(float(base_s) * 1000 / float(exp_ms), rel=0.15, abs=0.5)
     assert "each at its fastest:" in out.stdout
+    assert re.search(r"What a series costs .* the explainer ran G on [\d.]+ images", out.stdout)
+    assert re.search(r"a ratio of \d+; the time ratio, \d+, is that times", out.stdout)
 
 
 def test_changing_one_stage_parameter_reruns_it_and_descendants_only(project, env, tmp_path):
