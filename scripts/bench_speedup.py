@@ -101,7 +101,7 @@ def main() -> None:
                        lambda xb, steps=ev.baseline_steps, f=f, return_steps=False: pixel_search(
                            f, xb, base.num_bins, steps, ev.baseline_lr, ev.baseline_lambda, ev.baseline_tolerance,
                            return_steps=return_steps),
-                       g, f, x[:COST_QUERIES], best_base[0], base.num_bins, {})
+                       g, f, x[:COST_QUERIES], base.num_bins, {})
     for name, t in (("explainer", best_exp[1]), ("baseline", best_base[2])):
         gflops = cost[name]["gflops"]
         cost[name]["gflop_per_s"] = None if gflops is None else gflops / t

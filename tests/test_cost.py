@@ -42,6 +42,20 @@ def test_pixel_search_says_how_many_steps_each_image_took():
     assert not bool(reached.all()) and bool((taken[~reached] == 3).all())
 
 
+def test_finished_images_leave_the_search_without_changing_the_others():
+    """Each image's search is its own: searching them one by one finds the same images and steps."""
+    f = ConvF()
+    x = torch.stack([torch.full((1, 8, 8), -0.3), torch.full((1, 8, 8), 0.2)])
+    together, taken, reached = pixel_search(f, x, NUM_BINS, 300, 0.05, 0.0, 0.01, return_steps=True)
+    for i in range(2):
+        alone, taken_alone, _ = pixel_search(f, x[i:i + 1], NUM_BINS, 300, 0.05, 0.0, 0.01, return_steps=True)
+        assert torch.allclose(alone[0], together[i], atol=1e-6) and torch.equal(taken_alone[0], taken[i])
+    passes = []
+    counted = lambda img: passes.append(len(img)) or f(img)  # noqa: E731
+    pixel_search(counted, x, NUM_BINS, 300, 0.05, 0.0, 0.01)
+    assert bool(reached.all()) and sum(passes) == int((taken + 1).sum()) < 2 * NUM_BINS * (int(taken.max()) + 1)
+
+
 def test_forward_flops_counts_convolutions_and_says_when_it_cannot():
     flops, why = forward_flops(ConvF(), torch.zeros(1, 1, 8, 8))
     assert flops == 2 * 9 * 6 * 6 and why is None
@@ -60,16 +74,19 @@ def test_series_cost_counts_both_methods_passes_and_flops():
     def baseline(xb, steps=40, f=f, return_steps=False):
         return pixel_search(f, xb, NUM_BINS, steps, 0.05, 0.0, 0.02, return_steps=return_steps)
     absent = {}
-    cost = series_cost(explainer, baseline, g, f, x, 1, NUM_BINS, absent)
+    cost = series_cost(explainer, baseline, g, f, x, NUM_BINS, absent)
     e, b = cost["explainer"], cost["baseline"]
     # The probes, then each bin no probe already shows.
     conditions = explain_series(g, f, x, NUM_BINS, PROBES)[1]
     shown = (conditions[..., None] == torch.linspace(0, NUM_BINS - 1, PROBES)).any(-1)
     assert e["generator_images"] == PROBES + (~shown).sum().item() / len(x) and e["classifier_images"] == PROBES
-    # One query per call: f sees its 10 images at every step until the slowest is done.
-    assert b["queries_per_call"] == 1 and round(b["classifier_images"] * len(x)) % NUM_BINS == 0
+    # f sees each image once per step until it reaches its bin (at step s: s + 1 passes), or
+    # at every one of the 40 steps when it does not.
+    _, taken, reached = baseline(x, return_steps=True)
+    passes = torch.where(reached, taken + 1, torch.full_like(taken, 40)).sum().item()
+    assert b["classifier_images"] == pytest.approx(passes / len(x))
+    assert b["steps_per_image"] == pytest.approx(taken.float().mean().item())
     assert b["steps_per_image"] <= b["steps_per_image_max"] <= 40
-    assert NUM_BINS * (b["steps_per_image"] + 1) <= b["classifier_images"] <= NUM_BINS * (b["steps_per_image_max"] + 1)
     assert cost["classifier_mflops_per_image"] == pytest.approx(2 * 9 * 36 / 1e6)
     g_flops = cost["generator_mflops_per_image"] * 1e6
     assert g_flops > cost["classifier_mflops_per_image"] * 1e6
@@ -95,7 +112,7 @@ def test_series_cost_leaves_flops_absent_for_a_model_it_cannot_count():
     def baseline(xb, steps=5, f=f, return_steps=False):
         return pixel_search(f, xb, NUM_BINS, steps, 0.05, 0.0, 0.02, return_steps=return_steps)
     absent = {}
-    cost = series_cost(explainer, baseline, g, f, torch.zeros(2, 1, 8, 8), 2, NUM_BINS, absent)
+    cost = series_cost(explainer, baseline, g, f, torch.zeros(2, 1, 8, 8), NUM_BINS, absent)
     assert cost["flops_ratio"] is None and cost["explainer"]["gflops"] is None
     assert "cost_per_series: classifier_mflops_per_image" in absent
     assert "GFLOPs" not in cost_text(cost, 10.0)

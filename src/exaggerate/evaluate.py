@@ -285,22 +285,19 @@ def forward_flops(fn: Callable, *example: torch.Tensor) -> tuple[Optional[float]
     return (flops, None) if flops > 0 else (None, "torch.utils.flop_counter found no convolution or matrix product")
 
 
-def series_cost(explainer: Callable, baseline: Callable, g, f: BlackBox, x: torch.Tensor, baseline_batch: int,
-                num_bins: int, absent: dict) -> dict:
+def series_cost(explainer: Callable, baseline: Callable, g, f: BlackBox, x: torch.Tensor, num_bins: int,
+                absent: dict) -> dict:
     """What one series costs each method, counted on the queries x (untimed): the images G and f
     see per series, the baseline's Adam steps, and the FLOPs these add up to. explainer(xb, g, f)
-    and baseline(xb, steps, f, return_steps) are compare_methods' timed functions; the baseline
-    runs baseline_batch queries per call (its fastest), since a call runs until its slowest image
-    reaches its bin. Its backward pass is counted as twice the forward (the usual estimate for
+    and baseline(xb, steps, f, return_steps) are compare_methods' timed functions, each called
+    once on all of x (the baseline's passes do not depend on how its queries are batched: an
+    image leaves the search once it reaches its bin). Its backward pass is counted as twice the forward (the usual estimate for
     convolutional networks), so its FLOPs are 3x f's forward per image and step."""
     g_count, f_count = _Counted(g), _Counted(f)
     explainer(x, g_count, f_count)
-    b_count, taken, reached = _Counted(f), [], []
-    for i in range(0, len(x), baseline_batch):
-        _, t, r = baseline(x[i:i + baseline_batch], f=b_count, return_steps=True)
-        taken.append(t.flatten())
-        reached.append(r.flatten())
-    taken, reached = torch.cat(taken).float(), torch.cat(reached).float()
+    b_count = _Counted(f)
+    _, taken, reached = baseline(x, f=b_count, return_steps=True)
+    taken, reached = taken.flatten().float(), reached.flatten().float()
     q = max(len(x), 1)
     g_flops, why_g = forward_flops(g, x[:1], torch.zeros(1, dtype=torch.long, device=x.device))
     f_flops, why_f = forward_flops(f, x[:1])
@@ -309,8 +306,7 @@ def series_cost(explainer: Callable, baseline: Callable, g, f: BlackBox, x: torc
            "classifier_mflops_per_image": None if f_flops is None else f_flops / 1e6,
            "explainer": {"generator_images": g_count.images / q, "classifier_images": f_count.images / q,
                          "gflops": None},
-           "baseline": {"classifier_images": b_count.images / q, "queries_per_call": int(baseline_batch),
-                        "steps_per_image": float(taken.mean()), "steps_per_image_max": float(taken.max()),
+           "baseline": {"classifier_images": b_count.images / q, "steps_per_image": float(taken.mean()), "steps_per_image_max": float(taken.max()),
                         "reached_share": float(reached.mean()), "gflops": None},
            "flops_ratio": None}
     for name, why in (("generator_mflops_per_image", why_g), ("classifier_mflops_per_image", why_f)):
@@ -358,8 +354,7 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
     out, by_batch = fastest_of(explainer, baseline, x_sub, params.series_batches, params.timing_repeats)
     seconds = {name: min(t.values()) for name, t in by_batch.items()}
     absent: dict[str, str] = {}
-    fastest = int(min(by_batch["baseline"], key=by_batch["baseline"].get))
-    cost = series_cost(explainer, baseline, g, f, x_sub[:COST_QUERIES], fastest, base.num_bins, absent)
+    cost = series_cost(explainer, baseline, g, f, x_sub[:COST_QUERIES], base.num_bins, absent)
     results = {}
     for name, s, d in (("explainer", torch.from_numpy(data["series"]), data),
                        ("explainer_on_baseline_queries", out["explainer"], sub), ("baseline", out["baseline"], sub)):

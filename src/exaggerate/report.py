@@ -84,10 +84,9 @@ def cost_text(cost: dict, speedup) -> str:
     g_mf, f_mf = cost.get("generator_mflops_per_image"), cost.get("classifier_mflops_per_image")
     text = (f"What a series costs (counted on {cost['queries']} queries): the explainer ran G on "
             f"{e['generator_images']:.1f} images and f on {e['classifier_images']:.1f}; the baseline ran f "
-            f"forward and backward on {b['classifier_images']:.0f} images ({b['queries_per_call']} "
-            f"{'query' if b['queries_per_call'] == 1 else 'queries'} per call; each bin image needed {b['steps_per_image']:.0f} Adam steps on average and at most "
-            f"{b['steps_per_image_max']:.0f}, {b['reached_share']:.0%} reached their bin, and a call runs until "
-            "its slowest image is done).")
+            f"forward and backward on {b['classifier_images']:.0f} images (each bin image needed "
+            f"{b['steps_per_image']:.0f} Adam steps on average and at most {b['steps_per_image_max']:.0f}, "
+            f"{b['reached_share']:.0%} reached their bin; an image leaves the search once it has).")
     if g_mf is not None and f_mf is not None:
         text += (f" G costs {g_mf:.3g} MFLOPs per image and f {f_mf:.3g}: {e['gflops']:.3g} GFLOPs per series "
                  f"against the baseline's {b['gflops']:.3g} (its backward counted as twice the forward), "
