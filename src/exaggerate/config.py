@@ -278,7 +278,7 @@ class Evaluate:
     # Queries per call at which each method is timed; each method's speed is its fastest of these
     # (the explainer was fastest near 10 queries per call on a 2-core CPU, the baseline at 1:
     # docs/MEASUREMENTS.md).
-    series_batches: list[int] = field(default_factory=lambda: [1, 10])
+    series_batches: list[int] = field(default_factory=lambda: [1, 10, 50])
     # Timed runs of every batch of both methods (mean). The two methods take turns batch by batch.
     timing_repeats: int = 2
     # The oracle judges only if its accuracy on held-out images of the task's classes reaches
