@@ -26,7 +26,7 @@ import torch
 def main() -> None:
     from exaggerate.classifier import load_classifier
     from exaggerate.config import load_config
-    from exaggerate.evaluate import COST_QUERIES, series_cost, time_in_turns
+    from exaggerate.evaluate import COST_QUERIES, add_flop_rates, series_cost, time_in_turns
     from exaggerate.report import cost_text
     from exaggerate.baseline import pixel_search
     from exaggerate.checkpoint import load_generator
@@ -102,10 +102,7 @@ def main() -> None:
                            f, xb, base.num_bins, steps, ev.baseline_lr, ev.baseline_lambda, ev.baseline_tolerance,
                            return_steps=return_steps),
                        g, f, x[:COST_QUERIES], base.num_bins, {})
-    for name, t in (("explainer", best_exp[1]), ("baseline", best_base[2])):
-        gflops = cost[name]["gflops"]
-        cost[name]["gflop_per_s"] = None if gflops is None else gflops / t
-    print(cost_text(cost, ratio))
+    print(cost_text(add_flop_rates(cost, {"explainer": best_exp[1], "baseline": best_base[2]}), ratio))
 
 
 if __name__ == "__main__":

@@ -291,8 +291,9 @@ def series_cost(explainer: Callable, baseline: Callable, g, f: BlackBox, x: torc
     see per series, the baseline's Adam steps, and the FLOPs these add up to. explainer(xb, g, f)
     and baseline(xb, steps, f, return_steps) are compare_methods' timed functions, each called
     once on all of x (the baseline's passes do not depend on how its queries are batched: an
-    image leaves the search once it reaches its bin). Its backward pass is counted as twice the forward (the usual estimate for
-    convolutional networks), so its FLOPs are 3x f's forward per image and step."""
+    image leaves the search once it reaches its bin). Its backward pass is counted as twice the
+    forward (the usual estimate for convolutional networks), so its FLOPs are 3x f's forward per
+    image and step. add_flop_rates adds the rates once the methods are timed."""
     g_count, f_count = _Counted(g), _Counted(f)
     explainer(x, g_count, f_count)
     b_count = _Counted(f)
@@ -306,8 +307,9 @@ def series_cost(explainer: Callable, baseline: Callable, g, f: BlackBox, x: torc
            "classifier_mflops_per_image": None if f_flops is None else f_flops / 1e6,
            "explainer": {"generator_images": g_count.images / q, "classifier_images": f_count.images / q,
                          "gflops": None},
-           "baseline": {"classifier_images": b_count.images / q, "steps_per_image": float(taken.mean()), "steps_per_image_max": float(taken.max()),
-                        "reached_share": float(reached.mean()), "gflops": None},
+           "baseline": {"classifier_images": b_count.images / q, "steps_per_image": float(taken.mean()),
+                        "steps_per_image_max": float(taken.max()), "reached_share": float(reached.mean()),
+                        "gflops": None},
            "flops_ratio": None}
     for name, why in (("generator_mflops_per_image", why_g), ("classifier_mflops_per_image", why_f)):
         if why:
@@ -318,6 +320,15 @@ def series_cost(explainer: Callable, baseline: Callable, g, f: BlackBox, x: torc
         b["gflops"] = 3 * b["classifier_images"] * f_flops / 1e9
         out["flops_ratio"] = b["gflops"] / e["gflops"] if e["gflops"] > 0 else None
     return out
+
+
+def add_flop_rates(cost: dict, seconds: dict[str, float]) -> dict:
+    """series_cost's figures with the FLOP rate each method ran at (GFLOP/s, from its seconds per
+    series): the time ratio is the FLOP ratio times the quotient of the two rates."""
+    for name, t in seconds.items():
+        gflops = cost[name].get("gflops")
+        cost[name]["gflop_per_s"] = gflops / t if gflops is not None and t > 0 else None
+    return cost
 
 
 @torch.no_grad()

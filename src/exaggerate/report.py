@@ -208,11 +208,9 @@ def summarise(compared: dict, reference: dict, split: str, oracle_metrics: dict,
         "absent": compared["absent"],
     }
     if compared.get("cost"):
-        cost = summary["cost_per_series"] = compared["cost"]
-        # The FLOP rate each method ran at: the time ratio is the FLOP ratio times their quotient.
-        for name, t in (("explainer", t_explainer), ("baseline", t_baseline)):
-            gflops = cost[name].get("gflops")
-            cost[name]["gflop_per_s"] = gflops / t if gflops is not None and t > 0 else None
+        from .evaluate import add_flop_rates
+        summary["cost_per_series"] = add_flop_rates(compared["cost"], {"explainer": t_explainer,
+                                                                       "baseline": t_baseline})
     if probes:
         summary["explain_probes"] = probes
     if detail:
