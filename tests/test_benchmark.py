@@ -299,5 +299,11 @@ def test_the_report_says_what_holds_a_speed_up_below_100x(tmp_path, monkeypatch)
     assert "reaches its bins in 20 Adam steps per image (210 f passes per series)" in text
     assert "G that costs 5.8x f per image" in text and "the FLOPs leave too little room" in text
     assert "**boots:" not in text  # 150x: nothing to explain
+    # FLOPs that would allow 100x, a FLOP rate that does not.
+    rates = {"metrics": {"speedup": {"mean": 80.0}}, "cost": {k: {"mean": v} for k, v in dict(
+        flops_ratio=200.0, e_rate=20.0, b_rate=50.0, b_steps=90.0, b_images=900.0, g_images=12.0, g_mflops=55.0,
+        f_mflops=9.0).items()}}
+    assert R.speedup_limit("slow", rates).endswith("The FLOPs would allow 200x; the explainer's FLOP rate, "
+                                                   "0.4x the baseline's, takes it below 100x.")
     # Runs evaluated before the cost figures existed: absent, and no sentence.
     assert R.speedup_limit("old", {"metrics": {"speedup": {"mean": 50.0}}, "cost": {}}) is None
