@@ -8,10 +8,18 @@ and f's passes, the baseline's steps, FLOPs and FLOP rates, counted as evaluate 
 Batches of the two methods
 are timed alternately, so that a slow spell of a shared machine falls on both; the explainer's
 batch, about 100 times shorter, is repeated --repeats times (mean). Needs a trained run
-(outputs/classifier, outputs/explainer/generator.pt, outputs/explain/series.npz).
+(outputs/classifier, outputs/explainer/generator.pt, outputs/explain/series.npz), or, with
+--task, a benchmark task's classifier (its upstream stage) and queries of its --split.
+
+A series' cost depends on G's architecture and on how many bins its probes already show, not
+on what G learned: --generator times another run's G of the same architecture in its place
+(e.g. the default task's for a task whose own explainer is not trained here). The baseline
+needs only f. The G passes per series are printed, so a stand-in's count can be checked.
 
     python scripts/bench_speedup.py                            # params.yaml, 50 queries
     python scripts/bench_speedup.py --batches 1 5 10 --queries 20
+    python scripts/bench_speedup.py --task bag_rest --generator \
+        benchmark/runs/sneaker_boot/s0/explainer/generator.pt  # validation queries
 """
 from __future__ import annotations
 
@@ -31,11 +39,17 @@ def main() -> None:
     from exaggerate.baseline import pixel_search
     from exaggerate.checkpoint import load_generator
     from exaggerate.inference import explain_series
-    from exaggerate.stages import PATHS
+    from exaggerate.series import choose_queries
+    from exaggerate.stages import PATHS, _dataset_and_splits
     from exaggerate.utils import channels_last, resolve_device, set_threads
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--task", help="a task of the benchmark's spec (benchmark/params.yaml): its f and queries")
+    ap.add_argument("--seed", type=int, default=0, help="with --task: the explainer seed whose G is timed")
+    ap.add_argument("--split", default="val", choices=("val", "test"), help="with --task: the queries' split")
+    ap.add_argument("--generator", type=Path, help="a G checkpoint (generator.pt) of the same architecture "
+                    "to time in place of the run's own")
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 5, 10, 25])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each explainer batch (mean)")
@@ -43,19 +57,34 @@ def main() -> None:
                     help="also time the generator without folding resampling into its convolutions")
     args = ap.parse_args()
 
-    cfg = load_config(args.params)
+    if args.task:
+        from exaggerate.benchmark import load_spec, paths_for, task_config
+
+        spec = load_spec()
+        if args.task not in spec.tasks:
+            raise SystemExit(f"{spec.path}: no task {args.task!r} under tasks; tasks: {sorted(spec.tasks)}")
+        cfg, paths = task_config(spec, args.task, args.seed), paths_for(spec, args.task, args.seed)
+        needed, hint = [Path(paths["prepare"]) / "splits.json"], f"exaggerate benchmark-stage upstream {args.task}"
+    else:
+        cfg, paths = load_config(args.params), PATHS
+        needed, hint = [Path(paths["explain"]) / "series.npz"], "dvc repro explain"
     base, ev = cfg.base, cfg.evaluate
     set_threads(base.threads)
     device = resolve_device(base.device)
-    series_path = Path(PATHS["explain"]) / "series.npz"
-    for p in (series_path, Path(PATHS["train_explainer"]) / "generator.pt"):
+    generator = args.generator or Path(paths["train_explainer"]) / "generator.pt"
+    for p in [*needed, generator]:
         if not p.is_file():
-            raise SystemExit(f"{p} not found: run `dvc repro explain` first")
-    f = load_classifier(PATHS["train_classifier"], base).to(device)
-    g = load_generator(Path(PATHS["train_explainer"]) / "generator.pt", base, cfg.explainer).to(device)
+            raise SystemExit(f"{p} not found: run `{hint}` first" if p != args.generator else f"{p} not found")
+    f = load_classifier(paths["train_classifier"], base).to(device)
+    g = load_generator(generator, base, cfg.explainer).to(device)
     channels_last(g, f, enabled=cfg.explain.channels_last)
-    with np.load(series_path) as z:
-        x = torch.from_numpy(z["queries"][:args.queries]).to(device)
+    if args.task:
+        dataset, splits = _dataset_and_splits(cfg, paths)
+        x = dataset.images(choose_queries(splits[args.split], args.queries, base.seed)).to(device)
+        print(f"task {args.task}: {len(x)} {args.split} queries, G from {generator}")
+    else:
+        with np.load(needed[0]) as z:
+            x = torch.from_numpy(z["queries"][:args.queries]).to(device)
     nq, probes = len(x), cfg.explain.probes
     print(f"{nq} queries x {base.num_bins} bins, explain.probes {probes}, baseline {ev.baseline_steps} steps at "
           f"most, {torch.get_num_threads()} threads, device {device}")
@@ -102,7 +131,19 @@ def main() -> None:
                            f, xb, base.num_bins, steps, ev.baseline_lr, ev.baseline_lambda, ev.baseline_tolerance,
                            return_steps=return_steps),
                        g, f, x[:COST_QUERIES], base.num_bins, {})
-    print(cost_text(add_flop_rates(cost, {"explainer": best_exp[1], "baseline": best_base[2]}), ratio))
+    cost = add_flop_rates(cost, {"explainer": best_exp[1], "baseline": best_base[2]})
+    print(cost_text(cost, ratio))
+    rate, e = cost["explainer"].get("gflop_per_s"), cost["explainer"]
+    if args.generator and rate:
+        # A stand-in's probes may land where the task's own G's would not (a condition equal to a
+        # probe's reuses its image), so its G passes can undercount: bound them by every probe
+        # and every bin.
+        most = probes + base.num_bins
+        gflops = (most * cost["generator_mflops_per_image"] + e["classifier_images"]
+                  * cost["classifier_mflops_per_image"]) / 1e3
+        print(f"G is a stand-in: {e['generator_images']:.1f} G passes per series of the {most} a series can "
+              f"take; at {most}, at the rate measured, the explainer would take {gflops / rate * 1000:.2f} ms: "
+              f"{best_base[2] / (gflops / rate):.1f} times faster (the bound for the task's own G)")
 
 
 if __name__ == "__main__":

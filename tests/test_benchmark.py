@@ -225,6 +225,19 @@ def test_the_benchmark_runs_through_dvc_and_reruns_only_what_a_change_reaches(tm
     # Seeds of one task share its classifier; the seeds' explainers differ.
     g0, g1 = (root / "benchmark" / "runs" / "boots" / f"s{k}" / "explainer" / "generator.pt" for k in (0, 1))
     assert g0.read_bytes() != g1.read_bytes()
+    # The speed-up of one task, timed with another task's G standing in for its own (same
+    # architecture), on the task's validation queries; an unknown task is refused by name.
+    bench = [sys.executable, str(REPO / "scripts" / "bench_speedup.py"), "--queries", "3", "--batches", "1", "3",
+             "--repeats", "1"]
+    out = run([*bench, "--task", "digits", "--generator", str(g0)], root, env)
+    assert f"task digits: 3 val queries, G from {g0}" in out.stdout
+    assert re.findall(r"^\s*(\d+) per call: explainer", out.stdout, re.M) == ["1", "3"]
+    assert re.search(r"the explainer ran G on [\d.]+ images", out.stdout)
+    # A stand-in's G passes are bounded by every probe and every bin.
+    assert re.search(r"G is a stand-in: [\d.]+ G passes per series of the \d+ a series can take; .* times faster",
+                     out.stdout)
+    out = run([*bench, "--task", "shoes"], root, env, check=False)
+    assert out.returncode != 0 and "no task 'shoes' under tasks" in out.stderr
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "benchmark run"], root, env)
     # A change to one task's overrides reaches that task and the report, nothing else (the dry run
