@@ -233,9 +233,12 @@ def test_the_benchmark_runs_through_dvc_and_reruns_only_what_a_change_reaches(tm
     assert f"task digits: 3 val queries, G from {g0}" in out.stdout
     assert re.findall(r"^\s*(\d+) per call: explainer", out.stdout, re.M) == ["1", "3"]
     assert re.search(r"the explainer ran G on [\d.]+ images", out.stdout)
-    # A stand-in's G passes are bounded by every probe and every bin.
-    assert re.search(r"G is a stand-in: [\d.]+ G passes per series of the \d+ a series can take; .* times faster",
-                     out.stdout)
+    # A stand-in's G passes are bounded by every probe and every bin: a bound below the measured ratio.
+    bound = re.search(r"G is a stand-in: ([\d.]+) G passes per series of the (\d+) a series can take; .* "
+                      r"([\d.]+) times faster", out.stdout)
+    measured = float(re.search(r"each at its fastest: .*: ([\d.]+) times faster", out.stdout).group(1))
+    assert float(bound.group(1)) <= int(bound.group(2))
+    assert float(bound.group(3)) <= measured + 0.1
     out = run([*bench, "--task", "shoes"], root, env, check=False)
     assert out.returncode != 0 and "no task 'shoes' under tasks" in out.stderr
     run(["git", "add", "-A"], root, env)
