@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 
 import pytest
@@ -12,7 +13,8 @@ from exaggerate.augment import augment
 from exaggerate.checkpoint import (CheckpointError, architecture, build_networks, check_signature, load_generator,
                                    training_signature)
 from exaggerate.inference import calibrated_conditions, explain_batch, explain_series, keep_detail, series
-from exaggerate.training_loop import PairSampler, TrainingDiverged, fit
+from exaggerate.training_loop import PairSampler, TrainingDiverged, _update, fit, frozen, new_state
+from exaggerate.losses import ExplainerLoss, LossWeights
 from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
 from exaggerate.networks import Discriminator, Generator
@@ -422,6 +424,27 @@ def test_reconstruction_term_trains_g_towards_the_query_at_its_own_bin(setup, tm
     assert not all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="explainer.lambda_rec"):
         dataclasses.replace(TINY_EXPLAINER, lambda_rec=-1.0).validate("explainer")
+
+
+def test_generator_update_skips_ds_weight_gradients_and_keeps_gs_to_the_bit(setup):
+    base, ds, splits, f, idx, bins = setup
+    x = ds.images(idx[:8])
+    c_x, c_new = torch.as_tensor(bins[:8]), torch.arange(8) % base.num_bins
+    grads = []
+    for freeze in (False, True):
+        state = new_state(base, TINY_EXPLAINER, f, torch.device("cpu"))
+        loss = ExplainerLoss(state.g, state.d, f, base.num_bins, LossWeights(1.0, 10.0, 1.0, 5.0))
+        with frozen(state.d) if freeze else contextlib.nullcontext():
+            _update(state.opt_g, loss.generator_terms, loss.generator_total, (x, c_x, c_new),
+                    contextlib.nullcontext)
+        grads.append([p.grad.clone() for p in state.g.parameters()])
+        d_grads = [p.grad for p in state.d.parameters()]
+        assert all(p.requires_grad for p in state.d.parameters())  # restored after the block
+        if freeze:
+            assert all(g is None for g in d_grads)
+        else:
+            assert any(g is not None and g.abs().sum() > 0 for g in d_grads)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_generator_from_other_settings_is_refused(setup, tmp_path):
