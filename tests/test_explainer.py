@@ -13,7 +13,8 @@ from exaggerate.augment import augment
 from exaggerate.checkpoint import (CheckpointError, architecture, build_networks, check_signature, load_generator,
                                    training_signature)
 from exaggerate.inference import calibrated_conditions, explain_batch, explain_series, keep_detail, series
-from exaggerate.training_loop import PairSampler, TrainingDiverged, _update, fit, frozen, new_state
+from exaggerate.training_loop import (PairSampler, TrainingDiverged, _update, explainer_step, fit, frozen,
+                                       new_state)
 from exaggerate.losses import ExplainerLoss, LossWeights
 from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
@@ -445,6 +446,14 @@ def test_generator_update_skips_ds_weight_gradients_and_keeps_gs_to_the_bit(setu
         else:
             assert any(g is not None and g.abs().sum() > 0 for g in d_grads)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # The training step uses it: after a step D holds its own update's gradients, nothing added by G's.
+    states = [new_state(base, TINY_EXPLAINER, f, torch.device("cpu")) for _ in range(2)]
+    losses = [ExplainerLoss(s.g, s.d, f, base.num_bins, LossWeights(1.0, 10.0, 1.0, 5.0)) for s in states]
+    explainer_step(states[0], losses[0], x, c_x, 1, contextlib.nullcontext)
+    c_new = torch.randint(base.num_bins, c_x.shape, generator=states[1].sampler_rng)
+    _update(states[1].opt_d, losses[1].discriminator_terms, losses[1].discriminator_total, (x, c_x, c_new),
+            contextlib.nullcontext)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(states[0].d.parameters(), states[1].d.parameters()))
 
 
 def test_generator_from_other_settings_is_refused(setup, tmp_path):
