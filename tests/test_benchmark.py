@@ -313,7 +313,8 @@ def test_the_report_says_what_holds_a_speed_up_below_100x(tmp_path, monkeypatch)
     assert "| digits | 11 | 132 | 12.0 | 4.0 | 210 | 20 | 55 | 9.5 | 8 | 60 | 40 |" in text
     assert "**digits: 12x**, made of a FLOP ratio of 8 and FLOP rates of 60 (explainer) against 40" in text
     assert "reaches its bins in 20 Adam steps per image (210 f passes per series)" in text
-    assert "G that costs 5.8x f per image" in text and "the FLOPs leave too little room" in text
+    assert "G that costs 5.8x f per image" in text and "The FLOPs fall short." in text
+    assert text.count("Where the FLOPs fall short:") == 1
     assert "**boots:" not in text  # 150x: nothing to explain
     # FLOPs that would allow 100x, a FLOP rate that does not.
     rates = {"metrics": {"speedup": {"mean": 80.0}}, "cost": {k: {"mean": v} for k, v in dict(
@@ -321,5 +322,11 @@ def test_the_report_says_what_holds_a_speed_up_below_100x(tmp_path, monkeypatch)
         f_mflops=9.0).items()}}
     assert R.speedup_limit("slow", rates).endswith("The FLOPs would allow 200x; the explainer's FLOP rate, "
                                                    "0.4x the baseline's, takes it below 100x.")
+    # Two tasks short of FLOPs: the general reason is given once, after both.
+    slow = dict(rates, cost={**rates["cost"], "flops_ratio": {"mean": 30.0}})
+    lines = R.cost_table({"tasks": {"a": slow, "b": slow}})
+    assert sum(line.endswith("The FLOPs fall short.") for line in lines) == 2
+    assert lines[-1].startswith("Where the FLOPs fall short:")
+    assert not any(line.startswith("Where the FLOPs") for line in R.cost_table({"tasks": {"slow": rates}}))
     # Runs evaluated before the cost figures existed: absent, and no sentence.
     assert R.speedup_limit("old", {"metrics": {"speedup": {"mean": 50.0}}, "cost": {}}) is None

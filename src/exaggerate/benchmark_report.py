@@ -150,11 +150,20 @@ def cost_table(summary: dict) -> list[str]:
     for task, t in summary["tasks"].items():
         c = t.get("cost") or {}
         lines.append(f"| {task} | " + " | ".join(cell(c.get(col), col) for col, _, _ in COST) + " |")
+    short = False
     for task, t in summary["tasks"].items():
         why = speedup_limit(task, t)
         if why:
             lines += ["", why]
+            short = short or why.endswith(FLOPS_SHORT)
+    if short:
+        lines += ["", "Where the FLOPs fall short: the baseline's search is short and G costs several times f "
+                  "per image. A classifier that costs more per image raises the ratio (the baseline pays for f "
+                  "at every step, the explainer only at its probes)."]
     return lines
+
+
+FLOPS_SHORT = "The FLOPs fall short."
 
 
 def speedup_limit(task: str, t: dict) -> Optional[str]:
@@ -172,9 +181,7 @@ def speedup_limit(task: str, t: dict) -> Optional[str]:
             f"explainer's series is {c['g_images']:.1f} passes of a G that costs {c['g_mflops'] / c['f_mflops']:.1f}x "
             f"f per image ({c['g_mflops']:.3g} against {c['f_mflops']:.3g} MFLOPs).")
     if c["flops_ratio"] < 100:
-        return text + (" With a search this short and a G this much larger than f, the FLOPs leave too little "
-                       "room; a classifier that costs more per image raises the ratio (the baseline pays for f at "
-                       "every step, the explainer only at its probes).")
+        return f"{text} {FLOPS_SHORT}"
     return text + (f" The FLOPs would allow {c['flops_ratio']:.0f}x; the explainer's FLOP rate, "
                    f"{c['e_rate'] / c['b_rate']:.2g}x the baseline's, takes it below 100x.")
 
