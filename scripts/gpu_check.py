@@ -105,7 +105,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        mem = (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+               if device.type == "cuda" else "")
         name = ("bf16 autocast" if amp else "float32") + (", channels-last" if args.channels_last else "") + \
             (f", compiled ({' '.join(to_compile)})" if compiled else "")
         rate = args.steps / elapsed
@@ -114,7 +115,7 @@ def main() -> None:
         mfu = f", MFU {achieved / peak[int(amp)]:.1%} of {peak[int(amp)]:g}" if peak else ""
         print(f"{name}: {rate:.2f} iterations/s at {base.image_size}x{base.image_size}, "
               f"batch {params.batch_size}, n_critic {params.n_critic}, G widths {params.generator_widths}; "
-              f"{achieved:.3f} TFLOP/s{mfu}; peak GPU memory {mem:.1f} GiB; last losses finite: "
+              f"{achieved:.3f} TFLOP/s{mfu}{mem}; last losses finite: "
               f"{all(torch.isfinite(torch.tensor(v)) for v in losses.values())}")
     plain = [v for k, v in results.items() if ", compiled" not in k]
     if len(plain) == 2:

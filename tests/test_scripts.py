@@ -19,6 +19,7 @@ def test_gpu_check_runs_as_cpu_smoke_test():
     gflop = float(re.search(r"FLOPs per iteration \(forward and backward of G, D and f\): ([\d.]+) GFLOP",
                             out.stdout).group(1))
     assert gflop > 0 and "TFLOP/s" in out.stdout and "MFU" not in out.stdout  # no known peak on a CPU
+    assert "GPU memory" not in out.stdout  # nothing to report on a CPU
     # A peak given: MFU, and the compiled networks (G and f) train too.
     out = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--image-size", "32",
                           "--widths", "8", "16", "--steps", "1", "--warmup", "1", "--compile",
