@@ -146,6 +146,8 @@ class Explainer:
     # Generator: input conv to widths[0], one down-sampling residual block per further width;
     # the decoder mirrors it. Paper at 128x128: [64, 128, 256, 512, 1024, 1024].
     generator_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    # Additive encoder-to-decoder skips at every resolution (a departure from the paper).
+    generator_skips: bool = False
     # Discriminator: down-sampling SN residual blocks, then one more block at the last width.
     # Paper: [64, 128, 256, 512, 1024, 1024].
     discriminator_widths: list[int] = field(default_factory=lambda: [32, 64, 128])

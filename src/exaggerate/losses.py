@@ -78,7 +78,9 @@ class ExplainerLoss:
         terms["classifier"] = bce(p_fake, bin_targets(c_new, self.num_bins))
         terms["classifier_cycle"] = bce(p_cycle, p_x)
         terms["cycle"] = (x - x_cycle).abs().mean()
-        terms["embedding"] = (embed_x - embed_fake).pow(2).mean()
+        # With skips the paper's term stays on the bottleneck: nothing asks the skipped maps to stay.
+        bottleneck = (lambda e: e[-1]) if isinstance(embed_x, tuple) else (lambda e: e)
+        terms["embedding"] = (bottleneck(embed_x) - bottleneck(embed_fake)).pow(2).mean()
         if self.w.rec > 0:  # one more decoder pass, only when the term counts
             terms["reconstruction"] = (x - g.decode(embed_x, c_x)).abs().mean()
         return terms
