@@ -83,8 +83,7 @@ def main() -> None:
                            torch.Generator().manual_seed(0))
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
         loss = ExplainerLoss(g, d, f_run, base.num_bins,
-                             LossWeights(params.lambda_gan, params.lambda_cyc, params.lambda_cls, params.lambda_rec,
-                                         params.lambda_emb),
+                             LossWeights(params.lambda_gan, params.lambda_cyc, params.lambda_cls, params.lambda_rec),
                              lambda img, rng=state.sampler_rng: augment(img, params.augment, rng))
         x = torch.rand(params.batch_size, base.channels, base.image_size, base.image_size, device=device) * 2 - 1
         c = torch.randint(base.num_bins, (params.batch_size,), device=device)

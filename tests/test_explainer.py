@@ -427,17 +427,6 @@ def test_reconstruction_term_trains_g_towards_the_query_at_its_own_bin(setup, tm
         dataclasses.replace(TINY_EXPLAINER, lambda_rec=-1.0).validate("explainer")
 
 
-def test_embedding_weight_left_at_null_keeps_old_checkpoints_and_a_set_one_retrains(setup):
-    base = setup[0]
-    tied = training_signature(base, TINY_EXPLAINER)
-    assert TINY_EXPLAINER.lambda_emb is None and "lambda_emb" not in tied
-    for value in (0.0, TINY_EXPLAINER.lambda_cyc):  # even the tied value, set explicitly, is a new run
-        own = training_signature(base, dataclasses.replace(TINY_EXPLAINER, lambda_emb=value))
-        assert own["lambda_emb"] == value and own != tied
-    with pytest.raises(ConfigError, match="explainer.lambda_emb"):
-        dataclasses.replace(TINY_EXPLAINER, lambda_emb=-0.5).validate("explainer")
-
-
 def test_generator_update_skips_ds_weight_gradients_and_keeps_gs_to_the_bit(setup):
     base, ds, splits, f, idx, bins = setup
     x = ds.images(idx[:8])

@@ -158,9 +158,6 @@ class Explainer:
     # in the paper, whose losses leave G(x, c_x) = x to the cycle term alone). One more decoder
     # pass per G step; lets a weaker cycle term (larger changes) keep the reconstruction close.
     lambda_rec: float = 10.0
-    # Embedding consistency: lambda_emb * L2(E(x, c_x), E(x', c_x)). null: lambda_cyc, as the paper
-    # ties the two terms' weights; 0 drops the term.
-    lambda_emb: Optional[float] = None
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
@@ -204,8 +201,6 @@ class Explainer:
                    "a list of at least two positive integers")
         for name in ("lambda_gan", "lambda_cyc", "lambda_cls", "lambda_rec"):
             _check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "a number >= 0")
-        _check(self.lambda_emb is None or self.lambda_emb >= 0, f"{key}.lambda_emb", self.lambda_emb,
-               "a number >= 0, or null for lambda_cyc")
         _check(len(self.betas) == 2, f"{key}.betas", self.betas, "[beta1, beta2]")
         for name in ("n_critic", "batch_size", "steps", "checkpoint_every", "log_every", "image_every"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")

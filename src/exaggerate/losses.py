@@ -10,13 +10,12 @@ With x' = G(x, c') and x'' = G(x', c_x), the cycle back to the source bin:
       embedding       L2(E(x, c_x), E(x', c_x))
       reconstruction  L1(x, G(x, c_x))             (not in the paper; computed when lambda_rec > 0)
 G's total is lambda_gan * adversarial + lambda_cls * (classifier + classifier_cycle)
-+ lambda_cyc * cycle + lambda_emb * embedding + lambda_rec * reconstruction (lambda_emb is lambda_cyc
-unless set: the paper ties them); D's is lambda_gan * adversarial.
++ lambda_cyc * (cycle + embedding) + lambda_rec * reconstruction; D's is lambda_gan * adversarial.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +39,6 @@ class LossWeights:
     cyc: float
     cls: float
     rec: float
-    # The embedding term's own weight; None: cyc, as the paper ties them.
-    emb: Optional[float] = None
-
-    @property
-    def embedding(self) -> float:
-        return self.cyc if self.emb is None else self.emb
 
 
 class ExplainerLoss:
@@ -95,7 +88,7 @@ class ExplainerLoss:
     def generator_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         w = self.w
         total = (w.gan * terms["adversarial"] + w.cls * (terms["classifier"] + terms["classifier_cycle"])
-                 + w.cyc * terms["cycle"] + w.embedding * terms["embedding"])
+                 + w.cyc * terms["cycle"] + w.cyc * terms["embedding"])
         if "reconstruction" in terms:
             total = total + w.rec * terms["reconstruction"]
         return total

@@ -213,8 +213,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if params.amp
                 else contextlib.nullcontext)
     loss = ExplainerLoss(state.g, state.d, f, base.num_bins,
-                         LossWeights(params.lambda_gan, params.lambda_cyc, params.lambda_cls, params.lambda_rec,
-                                     params.lambda_emb),
+                         LossWeights(params.lambda_gan, params.lambda_cyc, params.lambda_cls, params.lambda_rec),
                          lambda img: augment(img, params.augment, state.sampler_rng, (world.rank, world.size)),
                          lambda img: augment(img, params.classifier_augment, state.sampler_rng,
                                              (world.rank, world.size), divisor=16))
