@@ -164,7 +164,7 @@ def test_conditional_norm_interpolates_between_bins_and_folds_statistics_in_eval
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_eval_mode_folds_resampling_into_convolutions_without_changing_g(channels):
+def test_folded_resampling_computes_the_plain_ops_function_in_eval_mode(channels):
     from exaggerate.networks import GeneratorBlock
     torch.manual_seed(0)
     g = Generator(channels, [8, 16, 24], num_bins=5)
@@ -196,6 +196,40 @@ def test_eval_mode_folds_resampling_into_convolutions_without_changing_g(channel
     g(xp, c).square().sum().backward()
     assert torch.allclose(xg.grad, xp.grad, atol=1e-4)
 
+
+
+def test_training_runs_the_folded_ops_and_they_compute_the_plain_function():
+    """G in training mode (batch statistics) and D (spectral norm, its power iteration held
+    still in eval mode) give the plain ops' outputs and gradients, up to float rounding."""
+    torch.manual_seed(0)
+    g = Generator(1, [8, 16, 24], num_bins=5).train()
+    d = Discriminator(1, [8, 16, 24], num_bins=5).eval()
+    x, c = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 3, 4, 2])
+
+    def outputs_and_grads(fold):
+        g.fold_resampling(fold)
+        d.fold_resampling(fold)
+        g.zero_grad()
+        d.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        x_new = g(xi, c)
+        out = d(x_new, c)
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in (*g.parameters(), *d.parameters())]
+        return x_new.detach(), out.detach(), xi.grad, grads
+
+    folded, plain = outputs_and_grads(True), outputs_and_grads(False)
+    assert not torch.equal(folded[0], plain[0])  # other ops ran ...
+    for a, b in zip(folded[:3], plain[:3]):  # ... computing the same function
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(folded[3], plain[3]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+    assert all(b.fold_resampling is False for b in d.blocks)
+    g.fold_resampling(True)
+    d.fold_resampling(True)
+    # The defaults are the folded ops.
+    fresh_g, fresh_d = Generator(1, [8, 16], num_bins=3), Discriminator(1, [8, 16], num_bins=3)
+    assert all(m.fold_resampling for m in (*fresh_g.encoder, *fresh_g.decoder, *fresh_d.blocks))
 
 class FillGenerator(nn.Module):
     """G(x, t): an image filled with t, whatever x is."""

@@ -57,8 +57,8 @@ class GeneratorBlock(nn.Module):
     """CBN-ReLU-conv3x3-CBN-ReLU-conv3x3 with a resampled 1x1-conv shortcut.
     resample: "down" (2x2 average pooling), "up" (nearest-neighbour x2) or None."""
 
-    # In eval mode, forward folds each resampling into its convolution (_forward_folded); False
-    # gives the training path's ops (Generator.fold_resampling sets it for every block).
+    # forward folds each resampling into its convolution (_forward_folded), in training and in
+    # eval mode; False gives the plain ops, the reference (Generator.fold_resampling sets it).
     fold_resampling = True
 
     def __init__(self, c_in: int, c_out: int, num_bins: int, resample: str | None):
@@ -78,7 +78,7 @@ class GeneratorBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.fold_resampling:
+        if self.fold_resampling:
             return self._forward_folded(x, c)
         h = F.relu(self.bn1(x, c), inplace=True)  # on the norm's own fresh output
         if self.resample == "up":
@@ -106,16 +106,20 @@ class GeneratorBlock(nn.Module):
         else:
             h = self.conv1(h)
         h = F.relu(self.bn2(h, c), inplace=True)
-        if self.resample == "down":
-            h = F.conv2d(h, _pool_taps(_pool_taps(self.conv2.weight, 2), 3), self.conv2.bias, stride=2, padding=1)
-        else:
-            h = self.conv2(h)
+        h = _conv_then_pool(self.conv2, h) if self.resample == "down" else self.conv2(h)
         if self.resample == "up":
             skip = self._resample(x if self.shortcut is None else self.shortcut(x))
         else:
             skip = self._resample(x)
             skip = skip if self.shortcut is None else self.shortcut(skip)
         return h + skip if torch.is_grad_enabled() else h.add_(skip)
+
+
+def _conv_then_pool(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """conv (3x3, padding 1) followed by 2x2 average pooling, as one stride-2 4x4 convolution.
+    conv.weight is read once (a spectral-normalised conv runs its power iteration once, as in
+    conv(h))."""
+    return F.conv2d(h, _pool_taps(_pool_taps(conv.weight, 2), 3), conv.bias, stride=2, padding=1)
 
 
 def _pool_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -180,7 +184,11 @@ class Generator(nn.Module):
 
 
 class DiscriminatorBlock(nn.Module):
-    """SN residual block; the first block applies no ReLU to its raw-image input."""
+    """SN residual block; the first block applies no ReLU to its raw-image input. With
+    fold_resampling (the default) a down block's conv-then-pool runs as one stride-2 convolution
+    (GeneratorBlock._forward_folded); False gives the plain ops, the reference."""
+
+    fold_resampling = True
 
     def __init__(self, c_in: int, c_out: int, down: bool, first: bool = False):
         super().__init__()
@@ -191,12 +199,17 @@ class DiscriminatorBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.first else F.relu(x)
-        h = self.conv2(F.relu(self.conv1(h)))
-        if self.down:
-            h = F.avg_pool2d(h, 2)
+        h = F.relu(self.conv1(h))
+        if self.down and self.fold_resampling:
+            h = _conv_then_pool(self.conv2, h)
+        else:
+            h = self.conv2(h)
+            h = F.avg_pool2d(h, 2) if self.down else h
         skip = x
         if self.shortcut is not None:
-            if self.first:  # pool first on raw pixels (as SNGAN's optimised first block)
+            # Pooling and the 1x1 shortcut commute: pooled first, the shortcut reads 4x fewer
+            # pixels (the plain path keeps SNGAN's order for the blocks after the first).
+            if self.first or (self.down and self.fold_resampling):
                 skip = self.shortcut(F.avg_pool2d(skip, 2) if self.down else skip)
             else:
                 skip = self.shortcut(skip)
@@ -227,3 +240,10 @@ class Discriminator(nn.Module):
         levels = torch.arange(1, self.num_bins, device=c.device)
         thermometer = (levels[None, :] <= c[:, None]).to(phi.dtype)
         return self.linear(phi).squeeze(1) + (self.levels(phi) * thermometer).sum(1)
+
+    def fold_resampling(self, enabled: bool = True) -> "Discriminator":
+        """Whether each down block runs conv-then-pool as one stride-2 convolution (the default)
+        or the plain ops (DiscriminatorBlock)."""
+        for block in self.blocks:
+            block.fold_resampling = enabled
+        return self
