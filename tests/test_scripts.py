@@ -54,3 +54,16 @@ def test_bench_series_times_every_setting_against_float32(tmp_path):
     assert [r.split("  ")[0].strip() for r in rows] == ["float32", "float32 channels_last", "bf16 autocast",
                                                          "bf16 autocast channels_last"]
     assert "x 1.00 vs float32" in rows[0] and "random weights" in out.stdout
+
+
+def test_bench_training_step_times_both_ops_in_turns():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_training_step.py"), "--params",
+                          str(REPO / "params.yaml"), "--widths", "8", "16", "--rounds", "1", "--steps", "1",
+                          "--warmup", "1", "--threads", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    best = dict(re.findall(r"^(plain ops|folded \(default\)): best ([\d.]+) s/step", out.stdout, re.M))
+    assert set(best) == {"plain ops", "folded (default)"} and all(float(v) > 0 for v in best.values())
+    ratio = float(re.search(r"plain / folded time per step \(best rounds\): ([\d.]+)", out.stdout).group(1))
+    assert ratio == pytest.approx(float(best["plain ops"]) / float(best["folded (default)"]), rel=0.05)
+    assert "G widths [8, 16]" in out.stdout and "1 threads" in out.stdout
