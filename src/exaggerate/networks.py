@@ -176,8 +176,8 @@ class Generator(nn.Module):
         return self.decode(self.encode(x, c), c)
 
     def fold_resampling(self, enabled: bool = True) -> "Generator":
-        """Whether eval mode folds each block's resampling into its convolutions (the default;
-        GeneratorBlock._forward_folded) or runs the training path's ops."""
+        """Whether each block folds its resampling into its convolutions, in training and eval
+        mode (the default; GeneratorBlock._forward_folded), or runs the plain ops."""
         for block in (*self.encoder, *self.decoder):
             block.fold_resampling = enabled
         return self
