@@ -73,6 +73,7 @@ def test_bad_choice_lists_allowed_values():
     ({"explainer": {"generator_widths": [32]}}, "explainer.generator_widths"),
     ({"explainer": {"augment": "translation_cutout"}}, "explainer.augment"),
     ({"explainer": {"classifier_augment": "rotate"}}, "explainer.classifier_augment"),
+    ({"explainer": {"ema_decay": 1.0}}, "explainer.ema_decay"),
     ({"explain": {"detail": -0.1}}, "explain.detail"),
     ({"classifier": {"external": {"path": "m.pt", "value_range": [1, 0]}}}, "classifier.external.value_range"),
 ])

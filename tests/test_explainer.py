@@ -14,7 +14,7 @@ from exaggerate.checkpoint import (CheckpointError, architecture, build_networks
                                    training_signature)
 from exaggerate.inference import calibrated_conditions, explain_batch, explain_series, keep_detail, series
 from exaggerate.training_loop import (PairSampler, TrainingDiverged, _update, explainer_step, fit, frozen,
-                                       new_state)
+                                       new_state, update_average)
 from exaggerate.losses import ExplainerLoss, LossWeights
 from exaggerate.metrics import compatibility
 from exaggerate.networks import ConditionalBatchNorm2d
@@ -419,6 +419,37 @@ def test_fit_writes_generator_and_resumes(setup, tmp_path, capsys):
     b = torch.load(fresh / "generator.pt", weights_only=True)["generator"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], v) for k, v in g1.state_dict().items())
+
+
+def test_weight_average_follows_g_and_resumes_bit_for_bit(setup, tmp_path, capsys):
+    base, ds, splits, f, idx, bins = setup
+    # The average's arithmetic: w = min(decay, (1 + t) / (10 + t)) of the old, the rest of the new.
+    avg, cur = nn.Linear(2, 1), nn.Linear(2, 1)
+    old = avg.weight.detach().clone()
+    update_average(avg, cur, 0.99, step=90)  # warm-up: w = 91 / 100
+    assert torch.allclose(avg.weight, 0.91 * old + 0.09 * cur.weight, atol=1e-6)
+    update_average(avg, cur, 0.5, step=10 ** 6)
+    assert torch.allclose(avg.weight, 0.5 * (0.91 * old + 0.09 * cur.weight) + 0.5 * cur.weight, atol=1e-6)
+
+    params = dataclasses.replace(TINY_EXPLAINER, ema_decay=0.9)
+    fit(ds, idx, bins, splits["val"], f, base, TINY_EXPLAINER, tmp_path / "plain")
+    fit(ds, idx, bins, splits["val"], f, base, params, tmp_path / "a")
+    plain = torch.load(tmp_path / "plain" / "generator.pt", weights_only=True)["generator"]
+    a = torch.load(tmp_path / "a" / "generator.pt", weights_only=True)["generator"]
+    # The written generator is the average, not G's last weights (which training left as without it).
+    ckpt = torch.load(sorted((tmp_path / "a" / "checkpoints").glob("*/step-*.pt"))[-1], weights_only=False)
+    assert all(torch.equal(ckpt["generator"][k], plain[k]) for k in plain)
+    assert all(torch.equal(ckpt["generator_ema"][k], a[k]) for k in a)
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
+    # Its own checkpoint folder; a longer run resumes the average with the rest.
+    assert training_signature(base, params, "d") != training_signature(base, TINY_EXPLAINER, "d")
+    longer = dataclasses.replace(params, steps=6)
+    fit(ds, idx, bins, splits["val"], f, base, longer, tmp_path / "a")
+    assert "resuming explainer training at step 4" in capsys.readouterr().out
+    fit(ds, idx, bins, splits["val"], f, base, longer, tmp_path / "b")
+    a, b = (torch.load(tmp_path / k / "generator.pt", weights_only=True)["generator"] for k in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_generator(tmp_path / "a" / "generator.pt", base, longer).training is False
 
 
 def test_explainer_seed_defaults_to_base_seed_and_changes_the_run(setup, tmp_path):

@@ -22,7 +22,7 @@ from .networks import Discriminator, Generator
 _CADENCE = ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries", "seed", "processes")
 # Settings added after runs were recorded, and the value that computes what those runs did: at
 # that value a signature leaves them out, so existing checkpoints and generators keep loading.
-_ADDED_OFF = {"classifier_augment": "none", "generator_skips": False}
+_ADDED_OFF = {"classifier_augment": "none", "generator_skips": False, "ema_decay": 0.0}
 
 
 class CheckpointError(ArtifactError):
@@ -107,6 +107,12 @@ class TrainState:
     opt_d: torch.optim.Optimizer
     sampler_rng: torch.Generator
     step: int = 0
+    # The moving average of G's weights (explainer.ema_decay > 0), else None.
+    g_ema: Optional[Generator] = None
+
+    def exported(self) -> Generator:
+        """The generator that is saved and explained with: the average when there is one."""
+        return self.g if self.g_ema is None else self.g_ema
 
 
 def checkpoint_dir(root: Path, signature: dict) -> Path:
@@ -124,6 +130,7 @@ def save_checkpoint(path: Path, state: TrainState, signature: dict) -> None:
         "generator": state.g.state_dict(), "discriminator": state.d.state_dict(),
         "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
         "sampler_rng": state.sampler_rng.get_state(), "torch_rng": torch.get_rng_state(),
+        **({} if state.g_ema is None else {"generator_ema": state.g_ema.state_dict()}),
     })
 
 
@@ -131,6 +138,10 @@ def load_checkpoint(path: Path, state: TrainState, signature: dict, device: torc
     ckpt = read_torch_file(path, "checkpoint", CHECKPOINT_KEYS, device)
     check_signature(ckpt["signature"], signature, str(path))
     state.g.load_state_dict(ckpt["generator"])
+    if state.g_ema is not None:
+        if "generator_ema" not in ckpt:
+            raise CheckpointError(f"{path} holds no weight average (generator_ema), but explainer.ema_decay is on")
+        state.g_ema.load_state_dict(ckpt["generator_ema"])
     state.d.load_state_dict(ckpt["discriminator"])
     state.opt_g.load_state_dict(ckpt["opt_g"])
     state.opt_d.load_state_dict(ckpt["opt_d"])

@@ -187,11 +187,16 @@ class Explainer:
     # ("translation", a departure from the paper), so that a change counts only if f still reads
     # it after a small shift, as it reads real evidence; "none": the paper's term.
     classifier_augment: str = field(default="translation", metadata=_choices("none", "translation"))
+    # An exponential moving average of G's weights (and batch-norm statistics) over the training
+    # steps, decay d per step (warmed up as min(d, (1 + t) / (10 + t))); the average is the
+    # generator written and explained with. 0: off, the paper's last weights.
+    ema_decay: float = 0.0
     # Training processes on this machine (torchrun; gloo on CPUs, NCCL on GPUs), each on its share
     # of the global batch_size: the same steps as one process, up to float rounding.
     processes: int = 1
 
     def validate(self, key: str) -> None:
+        _check(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")
         _check(self.processes >= 1, f"{key}.processes", self.processes, "an integer >= 1")
         _check(self.batch_size % self.processes == 0, f"{key}.batch_size", self.batch_size,
                f"a multiple of {key}.processes ({self.processes}): each process trains on an equal share")

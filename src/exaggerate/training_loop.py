@@ -5,6 +5,7 @@ the paper's terms (losses.py). f is frozen and only passes gradients to G."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from pathlib import Path
@@ -69,9 +70,10 @@ def grid_queries(dataset: ImageDataset, val_indices: np.ndarray, f: BlackBox, co
 
 
 def explainer_step(state: TrainState, loss: ExplainerLoss, x: torch.Tensor, c_x: torch.Tensor,
-                   n_critic: int, autocast: Callable, world: World = World()) -> dict[str, float]:
+                   n_critic: int, autocast: Callable, world: World = World(), decay: float = 0.0) -> dict[str, float]:
     """One iteration on the global batch (x, c_x): a D update, and a G update every n_critic-th
     iteration; with several processes each trains on its share and the gradients are averaged.
+    G's weight average (state.g_ema, if any) follows G at `decay`.
     Returns each term by name (d_/g_ prefixed, unweighted; this process's share) and the
     weighted totals."""
     c_new = torch.randint(loss.num_bins, c_x.shape, generator=state.sampler_rng).to(x.device)
@@ -85,7 +87,22 @@ def explainer_step(state: TrainState, loss: ExplainerLoss, x: torch.Tensor, c_x:
                                        autocast, world)
         logged.update({f"g_{k}": v.item() for k, v in g_terms.items()}, g_total=g_total.item())
     state.step += 1
+    if state.g_ema is not None:
+        update_average(state.g_ema, state.g, decay, state.step)
     return logged
+
+
+def update_average(average: torch.nn.Module, current: torch.nn.Module, decay: float, step: int) -> None:
+    """average <- w * average + (1 - w) * current for every floating-point weight and buffer, w =
+    min(decay, (1 + step) / (10 + step)) so that the first steps' weights do not linger; integer
+    buffers (batch norm's counters) are copied."""
+    w = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for a, c in zip(average.state_dict().values(), current.state_dict().values()):
+            if a.is_floating_point():
+                a.lerp_(c, 1.0 - w)
+            else:
+                a.copy_(c)
 
 
 @contextlib.contextmanager
@@ -129,7 +146,8 @@ def new_state(base: Base, params: ExplainerParams, f: BlackBox, device: torch.de
     g, d = g.to(device), d.to(device)
     # Before the optimisers see the parameters. f is changed in place (layout only, same values).
     channels_last(g, d, f, enabled=params.channels_last)
-    return TrainState(g=g, d=d,
+    g_ema = copy.deepcopy(g).requires_grad_(False) if params.ema_decay > 0 else None
+    return TrainState(g=g, d=d, g_ema=g_ema,
                       opt_g=torch.optim.Adam(g.parameters(), lr=params.lr_g, betas=tuple(params.betas)),
                       opt_d=torch.optim.Adam(d.parameters(), lr=params.lr_d, betas=tuple(params.betas)),
                       sampler_rng=torch.Generator().manual_seed(seed))
@@ -181,7 +199,7 @@ class _Loop:
         if step % p.checkpoint_every == 0 or step == p.steps:
             self.checkpoint(step)
         if step % p.image_every == 0 or step == p.steps:
-            fig = series_figure(self.state.g, self.f, self.x_grid, self.base.num_bins,
+            fig = series_figure(self.state.exported(), self.f, self.x_grid, self.base.num_bins,
                                 f"explainer series at step {step}")
             self.tracker.figure(fig, f"series/step_{step:08d}.png")
             plots.close(fig)
@@ -193,7 +211,7 @@ class _Loop:
             old.unlink()
         self.last_good = path
         if self.on_checkpoint:
-            self.on_checkpoint(step, self.state.g)
+            self.on_checkpoint(step, self.state.exported())
 
 
 def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indices: np.ndarray, f: BlackBox,
@@ -227,7 +245,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
         while state.step < params.steps:
             x, c_x = sampler.sample()
             loop.record(explainer_step(state, loss, x.to(device), c_x.to(device), params.n_critic, autocast,
-                                       world), bar)
+                                       world, params.ema_decay), bar)
             bar.update(1)
     elapsed = time.time() - start_time
     if not world.is_main:
@@ -237,7 +255,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
 
 def _finish(state: TrainState, f: BlackBox, base: Base, params: ExplainerParams, out_dir: Path,
             x_grid: torch.Tensor, tracker: Tracker, elapsed: float, steps_run: int, images: int) -> dict:
-    g = state.g.eval()
+    g = state.exported().eval()
     save_generator(out_dir / "generator.pt", g, base, params)
     fig = series_figure(g, f, x_grid, base.num_bins, f"explainer series after {state.step} steps")
     save_figure(out_dir / "series_grid.png", fig)
