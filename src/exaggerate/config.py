@@ -187,8 +187,8 @@ class Explainer:
     # ("translation", a departure from the paper), so that a change counts only if f still reads
     # it after a small shift, as it reads real evidence; "none": the paper's term.
     classifier_augment: str = field(default="translation", metadata=_choices("none", "translation"))
-    # An exponential moving average of G's weights (and batch-norm statistics) over the training
-    # steps, decay d per step (warmed up as min(d, (1 + t) / (10 + t))); the average is the
+    # An exponential moving average of G's weights (and batch-norm statistics) over G's
+    # updates, decay d per G update t (warmed up as min(d, (1 + t) / (10 + t))); the average is the
     # generator written and explained with. 0: off, the paper's last weights.
     ema_decay: float = 0.0
     # Training processes on this machine (torchrun; gloo on CPUs, NCCL on GPUs), each on its share

@@ -73,7 +73,7 @@ def explainer_step(state: TrainState, loss: ExplainerLoss, x: torch.Tensor, c_x:
                    n_critic: int, autocast: Callable, world: World = World(), decay: float = 0.0) -> dict[str, float]:
     """One iteration on the global batch (x, c_x): a D update, and a G update every n_critic-th
     iteration; with several processes each trains on its share and the gradients are averaged.
-    G's weight average (state.g_ema, if any) follows G at `decay`.
+    G's weight average (state.g_ema, if any) follows G at `decay` after each G update.
     Returns each term by name (d_/g_ prefixed, unweighted; this process's share) and the
     weighted totals."""
     c_new = torch.randint(loss.num_bins, c_x.shape, generator=state.sampler_rng).to(x.device)
@@ -86,9 +86,9 @@ def explainer_step(state: TrainState, loss: ExplainerLoss, x: torch.Tensor, c_x:
             g_terms, g_total = _update(state.opt_g, loss.generator_terms, loss.generator_total, batch,
                                        autocast, world)
         logged.update({f"g_{k}": v.item() for k, v in g_terms.items()}, g_total=g_total.item())
+        if state.g_ema is not None:  # per G update: iterations that only train D leave G as it was
+            update_average(state.g_ema, state.g, decay, (state.step + 1) // n_critic)
     state.step += 1
-    if state.g_ema is not None:
-        update_average(state.g_ema, state.g, decay, state.step)
     return logged
 
 
