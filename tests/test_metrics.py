@@ -241,27 +241,39 @@ def test_small_datasets_train_the_oracle_for_more_epochs_and_a_weak_one_is_refus
 
 
 def test_the_attribute_report_flags_what_the_series_change_beyond_real_data():
-    from exaggerate.audit import attribute_report, target_row
+    from exaggerate.audit import attribute_report, report_table, task_rows
 
     rng = np.random.default_rng(0)
     q, n, r = 40, 10, 400
     t = (np.arange(n) + 0.5) / n
-    names = ["target", "confounder", "tied", "still"]
-    # Along the series: the target rises, "confounder" falls with it, "tied" rises with it.
-    p_series = np.stack([np.stack([t, 0.8 - 0.6 * t, 0.2 + 0.4 * t, np.full(n, 0.3)], -1)] * q)
+    names = ["target", "confounder", "tied", "still", "other"]
+    # Along the series: the target rises, "confounder" falls with it, "tied" rises with it, and the
+    # task's other class ("other") falls faster than on real images: the series exaggerate.
+    p_series = np.stack([np.stack([t, 0.8 - 0.6 * t, 0.2 + 0.4 * t, np.full(n, 0.3), 1 - t], -1)] * q)
     p_series = p_series + rng.normal(0, 0.02, p_series.shape)
     # Real images: "tied" co-varies with f's bin as much as along the series, "confounder" not at all.
     bins = rng.integers(0, n, r)
     tb = (bins + 0.5) / n
-    p_real = np.stack([tb, np.full(r, 0.5), 0.2 + 0.4 * tb, np.full(r, 0.3)], -1) + rng.normal(0, 0.02, (r, 4))
+    p_real = np.stack([tb, np.full(r, 0.5), 0.2 + 0.4 * tb, np.full(r, 0.3), 0.8 - 0.6 * tb], -1)
+    p_real = p_real + rng.normal(0, 0.02, (r, 5))
     rows = attribute_report(p_series, p_real, bins, names, "target", margin=0.1, resamples=500)
     by = {row["class"]: row for row in rows}
-    assert set(by) == {"confounder", "tied", "still"} and rows[0]["class"] == "confounder"
+    # One-vs-rest (no negatives named): every class but the target is a row, "other" flagged.
+    assert set(by) == {"confounder", "tied", "still", "other"} and rows[0]["class"] == "confounder"
+    assert by["other"]["flagged"]
     assert by["confounder"]["flagged"] and by["confounder"]["series_slope"] == pytest.approx(-0.6, abs=0.03)
     assert by["confounder"]["ci_low"] < by["confounder"]["series_slope"] < by["confounder"]["ci_high"]
     assert not by["tied"]["flagged"] and by["tied"]["excess"] == pytest.approx(0, abs=0.05)
     assert not by["still"]["flagged"]
-    assert target_row(p_series, p_real, bins, names, "target")["series_slope"] == pytest.approx(1, abs=0.03)
+    # A pair task: its other class is the class evidence, listed for scale and never flagged.
+    rows = attribute_report(p_series, p_real, bins, names, "target", margin=0.1, resamples=500, negatives=("other",))
+    assert {row["class"] for row in rows} == {"confounder", "tied", "still"}
+    task = task_rows(p_series, p_real, bins, names, ["target", "other", "absent"])
+    assert [row["class"] for row in task] == ["target", "other"]
+    assert task[0]["series_slope"] == pytest.approx(1, abs=0.03) and task[1]["series_slope"] == pytest.approx(-1, abs=0.03)
+    assert task[1]["real_slope"] == pytest.approx(-0.6, abs=0.05)
+    text = report_table(rows, task, 0.1)
+    assert "| other |" not in text and "task's own classes" in text and "other -1.0" in text
 
 
 @pytest.mark.parametrize("flip", [False, True])

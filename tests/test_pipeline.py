@@ -1026,7 +1026,9 @@ def test_the_attribute_audit_runs_through_dvc_and_mlflow(project, env, tmp_path)
     out = run(["dvc", "repro", "audit/dvc.yaml:attributes"], work, e)
     assert "Running stage 'audit/dvc.yaml:attributes'" in out.stdout
     rows = list(csv.DictReader(open(work / "results/audit/attributes.csv")))
-    assert len(rows) == 9 and "Ankle boot" not in {r["class"] for r in rows}  # every oracle class but the target
+    # every oracle class but the task's own (the target and its negative, for scale in the .md)
+    assert len(rows) == 8 and not {"Ankle boot", "Sneaker"} & {r["class"] for r in rows}
+    assert "task's own classes" in (work / "results/audit/attributes.md").read_text()
     assert (work / "results/audit/attributes.png").is_file()
     import mlflow
     mlflow.set_tracking_uri(e["MLFLOW_TRACKING_URI"])

@@ -11,7 +11,9 @@ target, this compares
   the same split, grouped by f's posterior bin (each bin weighted equally, as in a series).
 
 A class whose series slope exceeds its real slope by more than `margin`, with the interval
-excluding the real slope, is flagged: the series change it more than real data explains. On
+excluding the real slope, is flagged: the series change it more than real data explains. The
+task's own classes (the target and the negatives `base.negatives` names) are the class evidence,
+not something else: they are listed for scale and never flagged. On
 CelebA this reads, for instance, what else a Smiling classifier's series change (the paper's
 biased-classifier experiment found gender); on Fashion-MNIST, the other garment classes.
 """
@@ -50,8 +52,11 @@ def real_slopes(p_real: np.ndarray, real_bins: np.ndarray, num_bins: int) -> np.
 
 
 def attribute_report(p_series: np.ndarray, p_real: np.ndarray, real_bins: np.ndarray, names: list[str],
-                     target: Optional[str], margin: float = 0.1, resamples: int = 2000, seed: int = 0) -> list[dict]:
-    """Rows ranked by excess (series slope - real slope), one per oracle class but the target.
+                     target: Optional[str], margin: float = 0.1, resamples: int = 2000, seed: int = 0,
+                     negatives: tuple[str, ...] = ()) -> list[dict]:
+    """Rows ranked by excess (series slope - real slope), one per oracle class but the task's own:
+    the target and its named negatives (a pair task's other class falls as the target rises; that
+    is the class evidence, not a confounder).
 
     p_series: (Q, N, A) oracle probabilities of each query's series; p_real: (R, A) of real
     images whose f-bins are real_bins."""
@@ -66,7 +71,7 @@ def attribute_report(p_series: np.ndarray, p_real: np.ndarray, real_bins: np.nda
     real = real_slopes(p_real, real_bins, n)
     rows = []
     for j, name in enumerate(names):
-        if name == target:
+        if name == target or name in negatives:
             continue
         known = bool(np.isfinite(real[j]))
         excess = float(series[j] - real[j]) if known else None
@@ -78,19 +83,23 @@ def attribute_report(p_series: np.ndarray, p_real: np.ndarray, real_bins: np.nda
     return rows
 
 
-def target_row(p_series: np.ndarray, p_real: np.ndarray, real_bins: np.ndarray, names: list[str],
-               target: Optional[str]) -> Optional[dict]:
-    """The target's own slopes, for scale (None when the oracle has no such class)."""
-    if target not in names:
-        return None
-    j = names.index(target)
+def task_rows(p_series: np.ndarray, p_real: np.ndarray, real_bins: np.ndarray, names: list[str],
+              classes: list[str]) -> list[dict]:
+    """The task's own classes' slopes (the target first, then its negatives), for scale; a class
+    the oracle does not have is left out."""
     n = p_series.shape[1]
-    real = float(real_slopes(p_real[:, [j]], real_bins, n)[0])
-    return {"class": target, "series_slope": float(slopes(p_series[:, :, j], bin_centres(n)).mean()),
-            "real_slope": real if np.isfinite(real) else None}
+    rows = []
+    for name in classes:
+        if name not in names:
+            continue
+        j = names.index(name)
+        real = float(real_slopes(p_real[:, [j]], real_bins, n)[0])
+        rows.append({"class": name, "series_slope": float(slopes(p_series[:, :, j], bin_centres(n)).mean()),
+                     "real_slope": real if np.isfinite(real) else None})
+    return rows
 
 
-def report_table(rows: list[dict], target: Optional[dict], margin: float) -> str:
+def report_table(rows: list[dict], task: list[dict], margin: float) -> str:
     def fmt(v):
         return "absent" if v is None else f"{v:+.3f}"
     lines = ["| class | series slope [95% CI] | real-data slope | excess | flagged |", "|---|---|---|---|---|"]
@@ -105,9 +114,9 @@ def report_table(rows: list[dict], target: Optional[dict], margin: float) -> str
     if any(r["real_slope"] is None for r in rows):
         lines.append("Real-data slopes are absent: the real images fall in fewer than 2 of f's bins, so nothing "
                      "is flagged.")
-    if target:
-        lines.append(f"The target, {target['class']}, for scale: series slope {target['series_slope']:+.3f}, "
-                     f"real-data slope {fmt(target['real_slope'])}.")
+    if task:
+        scale = "; ".join(f"{t['class']} {t['series_slope']:+.3f} (real data {fmt(t['real_slope'])})" for t in task)
+        lines.append(f"The task's own classes, for scale and never flagged (series slope): {scale}.")
     return "\n".join(lines) + "\n"
 
 
@@ -158,11 +167,12 @@ def attribute_audit(cfg, paths: dict, out_dir: Path, margin: float = 0.1, tracke
     dataset = open_dataset(base)
     ids, real_bins = real_reference_rows(read_table(Path(paths["posteriors"]) / "posteriors.csv"), cfg.explain.split)
     p_real = batched(lambda t: oracle.probabilities(t.to(device)), dataset.images(dataset.index_of(ids))).numpy()
-    rows = attribute_report(p_series, p_real, real_bins, oracle.names, base.target, margin)
-    target = target_row(p_series, p_real, real_bins, oracle.names, base.target)
+    negatives = tuple(base.negatives or ())
+    rows = attribute_report(p_series, p_real, real_bins, oracle.names, base.target, margin, negatives=negatives)
+    task = task_rows(p_series, p_real, real_bins, oracle.names, [base.target, *negatives])
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out_dir / "attributes.csv", index=False)
-    text = report_table(rows, target, margin)
+    text = report_table(rows, task, margin)
     write_text(out_dir / "attributes.md", f"# Attribute report: {q} series of p({base.target}), {cfg.explain.split} "
                                           f"split\n\n{text}")
     fig = report_figure(rows, base.target)
