@@ -431,8 +431,9 @@ def test_weight_average_follows_g_and_resumes_bit_for_bit(setup, tmp_path, capsy
     update_average(avg, cur, 0.5, step=10 ** 6)
     assert torch.allclose(avg.weight, 0.5 * (0.91 * old + 0.09 * cur.weight) + 0.5 * cur.weight, atol=1e-6)
 
+    off = dataclasses.replace(TINY_EXPLAINER, ema_decay=0.0)  # the paper's last weights
     params = dataclasses.replace(TINY_EXPLAINER, ema_decay=0.9)
-    fit(ds, idx, bins, splits["val"], f, base, TINY_EXPLAINER, tmp_path / "plain")
+    fit(ds, idx, bins, splits["val"], f, base, off, tmp_path / "plain")
     fit(ds, idx, bins, splits["val"], f, base, params, tmp_path / "a")
     plain = torch.load(tmp_path / "plain" / "generator.pt", weights_only=True)["generator"]
     a = torch.load(tmp_path / "a" / "generator.pt", weights_only=True)["generator"]
@@ -442,7 +443,7 @@ def test_weight_average_follows_g_and_resumes_bit_for_bit(setup, tmp_path, capsy
     assert all(torch.equal(ckpt["generator_ema"][k], a[k]) for k in a)
     assert not all(torch.equal(a[k], plain[k]) for k in a)
     # Its own checkpoint folder; a longer run resumes the average with the rest.
-    assert training_signature(base, params, "d") != training_signature(base, TINY_EXPLAINER, "d")
+    assert training_signature(base, params, "d") != training_signature(base, off, "d")
     longer = dataclasses.replace(params, steps=6)
     fit(ds, idx, bins, splits["val"], f, base, longer, tmp_path / "a")
     assert "resuming explainer training at step 4" in capsys.readouterr().out
