@@ -68,14 +68,45 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
+@contextlib.contextmanager
+def store_lock(uri: Optional[str] = None) -> Iterator[None]:
+    """Holds, across the processes of this machine, what must happen once per store: a new SQLite
+    store's schema migrations, an experiment's creation, a pipeline execution's parent run. Stages
+    started at the same moment (`--jobs`, `dvc queue start -j`, tuning workers) would otherwise
+    each migrate the same file or create the same row, and all but one fail or a duplicate is
+    left. The lock file sits beside a SQLite store, in the temporary folder for other stores."""
+    import fcntl
+
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?")[0] + ".lock")
+    else:
+        path = Path(tempfile.gettempdir()) / f"exaggerate-mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def use_experiment(mlflow, name: str) -> None:
+    """Point `mlflow` at this project's store and at experiment `name`, created under the lock."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        mlflow.set_experiment(name)
+
+
 def prepare_store() -> str:
     """Open the tracking store once, so that a new SQLite store gets its tables here and not in
-    several stages started at the same moment (each would run MLflow's schema migrations on the
-    same file, and all but one fail). Returns the store's URI."""
+    several stages started at the same moment. Returns the store's URI."""
     import mlflow
 
     uri = tracking_uri()
-    mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    with store_lock(uri):
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return uri
 
 
@@ -172,9 +203,9 @@ def stage_run(stage: str, config: Config, sections: tuple[str, ...]) -> Iterator
         tracker.parent_run_id = None
         yield tracker
         return
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment_name())
-    parent = pipeline_parent(mlflow, config)
+    use_experiment(mlflow, experiment_name())
+    with store_lock():  # two stages of one execution starting together share one parent
+        parent = pipeline_parent(mlflow, config)
     resolved = {s: config.to_dict()[s] for s in sections}
     with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent) as run:
         mlflow.set_tags({"git_commit": git_commit(), "dvc_stage": stage, "dvc_experiment": dvc_experiment()})
@@ -193,8 +224,7 @@ def benchmark_run(split: str, seeds: list[int], tasks: list[str]) -> Iterator[Ml
     """The benchmark report's MLflow run, in the benchmark's experiment."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(BENCHMARK_EXPERIMENT)
+    use_experiment(mlflow, BENCHMARK_EXPERIMENT)
     with mlflow.start_run(run_name=f"benchmark report ({split}) @ {git_commit()[:12]}") as run:
         mlflow.set_tags({"git_commit": git_commit(), "code_digest": code_digest(), "dvc_experiment": dvc_experiment(),
                          "benchmark_split": split})

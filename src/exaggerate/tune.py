@@ -28,7 +28,7 @@ import yaml
 from . import metrics as M
 from .config import Config, config_from_dict
 from .io import read_json, save_figure, write_json, write_text
-from .tracking import tracking_uri
+from .tracking import tracking_uri, use_experiment
 
 RESULTS = Path("results") / "tune"
 
@@ -236,8 +236,7 @@ def run_study(cfg: Config, paths: dict, workers: Optional[int] = None, n_trials:
                                 sampler=_sampler(cfg, 0), pruner=_pruner(cfg), load_if_exists=True)
     if not study.trials:
         _enqueue_current_weights(study, cfg)
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment("exaggerate-tuning")
+    use_experiment(mlflow, "exaggerate-tuning")
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
     resume = parent_id is not None and _run_exists(parent_id)
     with mlflow.start_run(run_id=parent_id if resume else None, run_name=f"study {study_name}") as parent:
