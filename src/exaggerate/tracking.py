@@ -72,7 +72,7 @@ def tracking_uri() -> str:
 def store_lock(uri: Optional[str] = None) -> Iterator[None]:
     """Holds, across the processes of this machine, what must happen once per store: a new SQLite
     store's schema migrations, an experiment's creation, a pipeline execution's parent run. Stages
-    started at the same moment (`--jobs`, `dvc queue start -j`, tuning workers) would otherwise
+    started at the same moment on one store (`--jobs`, stages run by hand, tuning workers) would otherwise
     each migrate the same file or create the same row, and all but one fail or a duplicate is
     left. The lock file sits beside a SQLite store, in the temporary folder for other stores."""
     import fcntl
@@ -203,8 +203,9 @@ def stage_run(stage: str, config: Config, sections: tuple[str, ...]) -> Iterator
         tracker.parent_run_id = None
         yield tracker
         return
-    use_experiment(mlflow, experiment_name())
-    with store_lock():  # two stages of one execution starting together share one parent
+    mlflow.set_tracking_uri(tracking_uri())
+    with store_lock():  # also: two stages of one execution starting together share one parent
+        mlflow.set_experiment(experiment_name())
         parent = pipeline_parent(mlflow, config)
     resolved = {s: config.to_dict()[s] for s in sections}
     with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent) as run:
