@@ -148,6 +148,9 @@ class Explainer:
     generator_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     # Additive encoder-to-decoder skips at every resolution (a departure from the paper).
     generator_skips: bool = False
+    # With skips: the fraction of training images whose skipped maps are zeroed in each G pass,
+    # so that the bottleneck path alone must make them, class change included (0: off).
+    skip_dropout: float = 0.0
     # Discriminator: down-sampling SN residual blocks, then one more block at the last width.
     # Paper: [64, 128, 256, 512, 1024, 1024].
     discriminator_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
@@ -198,6 +201,9 @@ class Explainer:
 
     def validate(self, key: str) -> None:
         _check(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")
+        _check(0.0 <= self.skip_dropout < 1.0, f"{key}.skip_dropout", self.skip_dropout, "a number in [0, 1)")
+        _check(self.skip_dropout == 0 or self.generator_skips, f"{key}.skip_dropout", self.skip_dropout,
+               f"0 unless {key}.generator_skips is true: it drops the skips")
         _check(self.processes >= 1, f"{key}.processes", self.processes, "an integer >= 1")
         _check(self.batch_size % self.processes == 0, f"{key}.batch_size", self.batch_size,
                f"a multiple of {key}.processes ({self.processes}): each process trains on an equal share")
