@@ -74,7 +74,7 @@ def test_bad_choice_lists_allowed_values():
     ({"explainer": {"augment": "translation_cutout"}}, "explainer.augment"),
     ({"explainer": {"classifier_augment": "rotate"}}, "explainer.classifier_augment"),
     ({"explainer": {"ema_decay": 1.0}}, "explainer.ema_decay"),
-    ({"explainer": {"generator_skips": False, "skip_dropout": 0.5}}, "explainer.skip_dropout"),  # without skips
+    ({"explainer": {"skip_dropout": 0.5}}, "explainer.skip_dropout"),  # without skips
     ({"explainer": {"generator_skips": True, "skip_dropout": 1.0}}, "explainer.skip_dropout"),
     ({"explain": {"detail": -0.1}}, "explain.detail"),
     ({"classifier": {"external": {"path": "m.pt", "value_range": [1, 0]}}}, "classifier.external.value_range"),

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from exaggerate.classifier import BlackBox, load_classifier
-from exaggerate.config import Base, ConfigError, Explainer
+from exaggerate.config import Base, ConfigError
 from exaggerate.io import ArtifactError
 from exaggerate.augment import augment, drop_skips
 from exaggerate.checkpoint import (CheckpointError, architecture, build_networks, check_signature, load_generator,
@@ -565,7 +565,7 @@ def test_nan_loss_stops_with_step_and_checkpoint(setup, tmp_path):
 def test_architecture_records_what_weights_depend_on():
     arch = architecture(Base(), TINY_EXPLAINER)
     assert arch == {"image_size": 32, "channels": 1, "num_bins": 10, "generator_widths": [8, 16],
-                    "discriminator_widths": [8, 16], "generator_skips": True}
+                    "discriminator_widths": [8, 16]}
 
 
 def test_channels_last_layout_gives_the_same_series():
@@ -662,7 +662,7 @@ def test_skip_dropout_zeroes_the_skipped_maps_of_drawn_images_and_keeps_the_bott
 
 def test_skip_dropout_trains_and_changes_what_is_learned(setup, tmp_path):
     base, ds, splits, f, idx, bins = setup
-    skips = dataclasses.replace(TINY_EXPLAINER, generator_skips=True, skip_dropout=0.0)
+    skips = dataclasses.replace(TINY_EXPLAINER, generator_skips=True)
     dropout = dataclasses.replace(skips, skip_dropout=0.5)
     assert "skip_dropout" not in training_signature(base, skips)
     assert training_signature(base, dropout)["skip_dropout"] == 0.5
@@ -679,11 +679,9 @@ def test_skip_dropout_trains_and_changes_what_is_learned(setup, tmp_path):
 
 def test_generator_skips_are_recorded_only_when_on():
     base = Base()
-    assert Explainer().generator_skips and Explainer().skip_dropout == 0.5  # the CPU default
-    off = dataclasses.replace(TINY_EXPLAINER, generator_skips=False, skip_dropout=0.0)  # the paper's G
-    assert "generator_skips" not in architecture(base, off)
-    assert "generator_skips" not in training_signature(base, off)
-    on = dataclasses.replace(off, generator_skips=True)
+    assert "generator_skips" not in architecture(base, TINY_EXPLAINER)
+    assert "generator_skips" not in training_signature(base, TINY_EXPLAINER)
+    on = dataclasses.replace(TINY_EXPLAINER, generator_skips=True)
     assert architecture(base, on)["generator_skips"] is True
     assert training_signature(base, on)["generator_skips"] is True
 
@@ -698,5 +696,4 @@ def test_fit_with_generator_skips_trains_saves_and_is_refused_without_them(setup
         assert g.skips and isinstance(g.encode(x, torch.tensor([0, 1])), tuple)
         assert torch.isfinite(g(x, torch.tensor([0, 9]))).all()
     with pytest.raises(CheckpointError, match="generator_skips"):
-        load_generator(tmp_path / "generator.pt", base,
-                       dataclasses.replace(TINY_EXPLAINER, generator_skips=False, skip_dropout=0.0))
+        load_generator(tmp_path / "generator.pt", base, TINY_EXPLAINER)

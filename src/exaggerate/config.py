@@ -146,13 +146,11 @@ class Explainer:
     # Generator: input conv to widths[0], one down-sampling residual block per further width;
     # the decoder mirrors it. Paper at 128x128: [64, 128, 256, 512, 1024, 1024].
     generator_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
-    # Additive encoder-to-decoder skips at every resolution (a departure from the paper; false:
-    # the paper's G, as in configs/paper-celeba.yaml).
-    generator_skips: bool = True
+    # Additive encoder-to-decoder skips at every resolution (a departure from the paper).
+    generator_skips: bool = False
     # With skips: the fraction of training images whose skipped maps are zeroed in each G pass,
-    # so that the bottleneck path alone must make them, class change included (0: off). Skips
-    # with 0.5 won on the validation benchmark (docs/MEASUREMENTS.md, 2026-12-05).
-    skip_dropout: float = 0.5
+    # so that the bottleneck path alone must make them, class change included (0: off).
+    skip_dropout: float = 0.0
     # Discriminator: down-sampling SN residual blocks, then one more block at the last width.
     # Paper: [64, 128, 256, 512, 1024, 1024].
     discriminator_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
