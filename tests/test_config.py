@@ -50,6 +50,13 @@ def test_unknown_key_is_named_with_allowed_keys():
         config_from_dict({"explainer": {"lambda_cycle": 10}})
 
 
+def test_removed_option_is_named_with_why():
+    with pytest.raises(ConfigError, match=r"explainer\.generator_skips was removed \(.*bias audit.*delete it"):
+        config_from_dict({"explainer": {"generator_skips": False}})
+    with pytest.raises(ConfigError, match=r"explainer\.skip_dropout was removed"):
+        config_from_dict({"explainer": {"skip_dropout": 0.0}})
+
+
 def test_unknown_section_is_named():
     with pytest.raises(ConfigError, match=r"unknown key trainer; allowed keys: base, prepare"):
         config_from_dict({"trainer": {}})
@@ -74,8 +81,6 @@ def test_bad_choice_lists_allowed_values():
     ({"explainer": {"augment": "translation_cutout"}}, "explainer.augment"),
     ({"explainer": {"classifier_augment": "rotate"}}, "explainer.classifier_augment"),
     ({"explainer": {"ema_decay": 1.0}}, "explainer.ema_decay"),
-    ({"explainer": {"skip_dropout": 0.5}}, "explainer.skip_dropout"),  # without skips
-    ({"explainer": {"generator_skips": True, "skip_dropout": 1.0}}, "explainer.skip_dropout"),
     ({"explain": {"detail": -0.1}}, "explain.detail"),
     ({"classifier": {"external": {"path": "m.pt", "value_range": [1, 0]}}}, "classifier.external.value_range"),
 ])

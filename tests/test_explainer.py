@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from exaggerate.classifier import BlackBox, load_classifier
 from exaggerate.config import Base, ConfigError
 from exaggerate.io import ArtifactError
-from exaggerate.augment import augment, drop_skips
+from exaggerate.augment import augment
 from exaggerate.checkpoint import (CheckpointError, architecture, build_networks, check_signature, load_generator,
                                    training_signature)
 from exaggerate.inference import calibrated_conditions, explain_batch, explain_series, keep_detail, series
@@ -605,95 +605,3 @@ def test_fit_in_bf16_and_channels_last_on_cpu_resumes_bit_for_bit(setup, tmp_pat
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_generator_skips_carry_detail_around_the_bottleneck():
-    torch.manual_seed(0)
-    plain, skips = Generator(1, [8, 16, 32], num_bins=4), Generator(1, [8, 16, 32], num_bins=4, skips=True)
-    skips.load_state_dict(plain.state_dict())  # no new weights: the same parameters fit both
-    x, c = torch.randn(2, 1, 16, 16), torch.tensor([0, 3])
-    levels = skips.encode(x, c)
-    assert [t.shape[-1] for t in levels] == [16, 8, 4] and torch.equal(levels[-1], plain.encode(x, c))
-    plain.eval(), skips.eval()
-    with torch.no_grad():
-        assert not torch.allclose(skips(x, c), plain(x, c))
-        # One pixel's change reaches its own neighbourhood of the output more strongly with skips.
-        x2 = x.clone()
-        x2[0, 0, 5, 5] += 1.0
-        near = lambda g: (g(x2, c) - g(x, c))[0, 0, 4:7, 4:7].abs().sum()
-        assert near(skips) > near(plain)
-
-
-def test_embedding_term_reads_the_bottleneck_alone_with_skips():
-    torch.manual_seed(0)
-    g = Generator(1, [8, 16], num_bins=10, skips=True)
-    f = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 1), nn.Sigmoid())
-    d = Discriminator(1, [8, 16], num_bins=10)
-    w = LossWeights(gan=1.0, cyc=1.0, cls=1.0, rec=1.0)
-    loss = ExplainerLoss(g, d, f, 10, w)
-    x, c_x, c_new = torch.rand(4, 1, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6])
-    terms = loss.generator_terms(x, c_x, c_new)
-    with torch.no_grad():
-        expected = (g.encode(x, c_x)[-1] - g.encode(g(x, c_new), c_x)[-1]).pow(2).mean()
-    assert torch.allclose(terms["embedding"], expected)
-    assert all(torch.isfinite(t) for t in terms.values())
-
-
-def test_skip_dropout_zeroes_the_skipped_maps_of_drawn_images_and_keeps_the_bottleneck():
-    torch.manual_seed(0)
-    g = Generator(1, [8, 16, 32], num_bins=4, skips=True)
-    x, c = torch.randn(64, 1, 16, 16), torch.randint(4, (64,))
-    levels = g.encode(x, c)
-    dropped = drop_skips(levels, 0.5, torch.Generator().manual_seed(3))
-    assert torch.equal(dropped[-1], levels[-1])
-    gone = torch.stack([(lv == 0).flatten(1).all(1) for lv in dropped[:-1]])
-    assert (gone == gone[0]).all()  # an image loses all its skips or none
-    assert 16 < int(gone[0].sum()) < 48  # about half of 64 at rate 0.5
-    kept = ~gone[0]
-    assert all(torch.equal(d[kept], lv[kept]) for d, lv in zip(dropped[:-1], levels[:-1]))
-    again = drop_skips(levels, 0.5, torch.Generator().manual_seed(3))
-    assert all(torch.equal(a, b) for a, b in zip(again, dropped))  # drawn from the run's stream
-    assert drop_skips(levels, 0.0, torch.Generator()) is levels
-    plain = Generator(1, [8, 16, 32], num_bins=4).encode(x, c)
-    assert drop_skips(plain, 0.5, torch.Generator()) is plain
-    # Two processes, each on half of the batch, drop what one process drops.
-    halves = [drop_skips(tuple(lv.chunk(2)[r] for lv in levels), 0.5, torch.Generator().manual_seed(3), (r, 2))
-              for r in range(2)]
-    assert all(torch.equal(torch.cat([h[i] for h in halves]), dropped[i]) for i in range(len(levels)))
-
-
-def test_skip_dropout_trains_and_changes_what_is_learned(setup, tmp_path):
-    base, ds, splits, f, idx, bins = setup
-    skips = dataclasses.replace(TINY_EXPLAINER, generator_skips=True)
-    dropout = dataclasses.replace(skips, skip_dropout=0.5)
-    assert "skip_dropout" not in training_signature(base, skips)
-    assert training_signature(base, dropout)["skip_dropout"] == 0.5
-    assert architecture(base, dropout) == architecture(base, skips)  # a training setting only
-    fit(ds, idx, bins, splits["val"], copy.deepcopy(f), base, skips, tmp_path / "a")
-    fit(ds, idx, bins, splits["val"], copy.deepcopy(f), base, dropout, tmp_path / "b")
-    a = torch.load(tmp_path / "a" / "generator.pt", weights_only=True)["generator"]
-    b = torch.load(tmp_path / "b" / "generator.pt", weights_only=True)["generator"]
-    assert not all(torch.equal(a[k], b[k]) for k in a)
-    g = load_generator(tmp_path / "b" / "generator.pt", base, dropout)
-    with torch.no_grad():
-        assert torch.isfinite(g(ds.images(idx[:2]), torch.tensor([0, 9]))).all()
-
-
-def test_generator_skips_are_recorded_only_when_on():
-    base = Base()
-    assert "generator_skips" not in architecture(base, TINY_EXPLAINER)
-    assert "generator_skips" not in training_signature(base, TINY_EXPLAINER)
-    on = dataclasses.replace(TINY_EXPLAINER, generator_skips=True)
-    assert architecture(base, on)["generator_skips"] is True
-    assert training_signature(base, on)["generator_skips"] is True
-
-
-def test_fit_with_generator_skips_trains_saves_and_is_refused_without_them(setup, tmp_path):
-    base, ds, splits, f, idx, bins = setup
-    skips = dataclasses.replace(TINY_EXPLAINER, generator_skips=True)
-    fit(ds, idx, bins, splits["val"], f, base, skips, tmp_path)
-    g = load_generator(tmp_path / "generator.pt", base, skips)
-    x = ds.images(idx[:2])
-    with torch.no_grad():
-        assert g.skips and isinstance(g.encode(x, torch.tensor([0, 1])), tuple)
-        assert torch.isfinite(g(x, torch.tensor([0, 9]))).all()
-    with pytest.raises(CheckpointError, match="generator_skips"):
-        load_generator(tmp_path / "generator.pt", base, TINY_EXPLAINER)

@@ -1,6 +1,5 @@
 """D's augmentation: DiffAugment-style random translation (Zhao et al. 2020) of every image D
-sees, real and generated alike, so that D cannot memorise the few real images of the middle bins;
-and the generator's skip dropout (explainer.skip_dropout)."""
+sees, real and generated alike, so that D cannot memorise the few real images of the middle bins."""
 from __future__ import annotations
 
 import torch
@@ -33,17 +32,3 @@ def augment(x: torch.Tensor, mode: str, rng: torch.Generator, shards: tuple[int,
     x = padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (b, h, w, ch) -> (b, ch, h, w)
     return x.contiguous(memory_format=layout)
 
-
-def drop_skips(embedding, rate: float, rng: torch.Generator, shards: tuple[int, int] = (0, 1)):
-    """Skip dropout: for a fraction `rate` of the batch's images, drawn per image on the CPU from
-    `rng`, every skipped map of a skip generator's embedding (all levels but the bottleneck, the
-    last) is zeroed, so the decoder must make those images from the bottleneck path alone, and
-    with it the class change. A bottleneck-only embedding (a tensor) and rate 0 pass through
-    unchanged. shards as in `augment`."""
-    if rate == 0 or not isinstance(embedding, tuple):
-        return embedding
-    b = embedding[-1].shape[0]
-    rank, processes = shards
-    keep = torch.rand(b * processes, generator=rng)[rank * b:(rank + 1) * b] >= rate
-    keep = keep.to(embedding[-1].device).view(b, 1, 1, 1)
-    return (*(level * keep.to(level.dtype) for level in embedding[:-1]), embedding[-1])

@@ -22,8 +22,7 @@ from .networks import Discriminator, Generator
 _CADENCE = ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries", "seed", "processes")
 # Settings added after runs were recorded, and the value that computes what those runs did: at
 # that value a signature leaves them out, so existing checkpoints and generators keep loading.
-_ADDED_OFF = {"classifier_augment": "none", "generator_skips": False, "ema_decay": 0.0,
-              "skip_dropout": 0.0}
+_ADDED_OFF = {"classifier_augment": "none", "ema_decay": 0.0}
 
 
 class CheckpointError(ArtifactError):
@@ -35,8 +34,6 @@ def architecture(base: Base, params: ExplainerParams) -> dict:
     arch = {"image_size": base.image_size, "channels": base.channels, "num_bins": base.num_bins,
             "generator_widths": list(params.generator_widths),
             "discriminator_widths": list(params.discriminator_widths)}
-    if params.generator_skips:  # recorded only when on: generators made before the option still load
-        arch["generator_skips"] = True
     return arch
 
 
@@ -76,7 +73,7 @@ def check_signature(found: dict, expected: dict, source: str) -> None:
 
 
 def build_networks(base: Base, params: ExplainerParams) -> tuple[Generator, Discriminator]:
-    g = Generator(base.channels, list(params.generator_widths), base.num_bins, skips=params.generator_skips)
+    g = Generator(base.channels, list(params.generator_widths), base.num_bins)
     d = Discriminator(base.channels, list(params.discriminator_widths), base.num_bins)
     return g, d
 

@@ -146,11 +146,6 @@ class Explainer:
     # Generator: input conv to widths[0], one down-sampling residual block per further width;
     # the decoder mirrors it. Paper at 128x128: [64, 128, 256, 512, 1024, 1024].
     generator_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
-    # Additive encoder-to-decoder skips at every resolution (a departure from the paper).
-    generator_skips: bool = False
-    # With skips: the fraction of training images whose skipped maps are zeroed in each G pass,
-    # so that the bottleneck path alone must make them, class change included (0: off).
-    skip_dropout: float = 0.0
     # Discriminator: down-sampling SN residual blocks, then one more block at the last width.
     # Paper: [64, 128, 256, 512, 1024, 1024].
     discriminator_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
@@ -201,9 +196,6 @@ class Explainer:
 
     def validate(self, key: str) -> None:
         _check(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")
-        _check(0.0 <= self.skip_dropout < 1.0, f"{key}.skip_dropout", self.skip_dropout, "a number in [0, 1)")
-        _check(self.skip_dropout == 0 or self.generator_skips, f"{key}.skip_dropout", self.skip_dropout,
-               f"0 unless {key}.generator_skips is true: it drops the skips")
         _check(self.processes >= 1, f"{key}.processes", self.processes, "an integer >= 1")
         _check(self.batch_size % self.processes == 0, f"{key}.batch_size", self.batch_size,
                f"a multiple of {key}.processes ({self.processes}): each process trains on an equal share")
@@ -468,13 +460,25 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
 
+# Options that lost their comparison and left the code, and why (docs/MEASUREMENTS.md has the runs).
+REMOVED = {
+    "explainer.generator_skips": "encoder-to-decoder skips lost the bias audit: with them an explainer "
+                                 "can leave a planted mark undrawn",
+    "explainer.skip_dropout": "it came with explainer.generator_skips, which lost the bias audit",
+}
+
+
 def _build(cls: type, raw: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys: {', '.join(fields)}")
+        key = f"{where}{unknown[0]}"
+        if key in REMOVED:
+            raise ConfigError(f"{key} was removed ({REMOVED[key]}); delete it from the parameters "
+                              "(docs/MEASUREMENTS.md records the comparison)")
+        raise ConfigError(f"unknown key {key}; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name

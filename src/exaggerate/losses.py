@@ -45,25 +45,19 @@ class ExplainerLoss:
     """The conditional GAN's losses against a frozen classifier f.
 
     `augment` is applied to every image D sees (identity for the paper's D), `classifier_augment`
-    to x' where the classifier term reads it (identity for the paper's term), `skip_drop` to each
-    embedding G decodes (identity unless explainer.skip_dropout is on). The networks'
+    to x' where the classifier term reads it (identity for the paper's term). The networks'
     forward passes run in a fixed order, which keeps batch-norm statistics, spectral-norm
     power iterations and the augmentation's random stream, and so training, reproducible."""
 
     def __init__(self, g, d, f, num_bins: int, weights: LossWeights,
                  augment: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-                 classifier_augment: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-                 skip_drop: Callable = lambda embedding: embedding):
+                 classifier_augment: Callable[[torch.Tensor], torch.Tensor] = lambda x: x):
         self.g, self.d, self.f, self.num_bins, self.w, self.augment = g, d, f, num_bins, weights, augment
-        self.classifier_augment, self.skip_drop = classifier_augment, skip_drop
-
-    def _generate(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """G(x, c), its embedding through skip_drop (identity unless skip dropout is on)."""
-        return self.g.decode(self.skip_drop(self.g.encode(x, c)), c)
+        self.classifier_augment = classifier_augment
 
     def discriminator_terms(self, x: torch.Tensor, c_x: torch.Tensor, c_new: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            x_fake = self._generate(x, c_new)
+            x_fake = self.g(x, c_new)
         real = F.relu(1 - self.d(self.augment(x), c_x)).mean()
         fake = F.relu(1 + self.d(self.augment(x_fake), c_new)).mean()
         return {"adversarial": real + fake}
@@ -74,9 +68,9 @@ class ExplainerLoss:
     def generator_terms(self, x: torch.Tensor, c_x: torch.Tensor, c_new: torch.Tensor) -> dict[str, torch.Tensor]:
         g = self.g
         embed_x = g.encode(x, c_x)
-        x_fake = self._generate(x, c_new)
+        x_fake = g(x, c_new)
         embed_fake = g.encode(x_fake, c_x)
-        x_cycle = g.decode(self.skip_drop(embed_fake), c_x)
+        x_cycle = g.decode(embed_fake, c_x)
         with torch.no_grad():
             p_x = self.f(x).float()
         terms = {"adversarial": -self.d(self.augment(x_fake), c_new).mean()}
@@ -84,11 +78,9 @@ class ExplainerLoss:
         terms["classifier"] = bce(p_fake, bin_targets(c_new, self.num_bins))
         terms["classifier_cycle"] = bce(p_cycle, p_x)
         terms["cycle"] = (x - x_cycle).abs().mean()
-        # With skips the paper's term stays on the bottleneck: nothing asks the skipped maps to stay.
-        bottleneck = (lambda e: e[-1]) if isinstance(embed_x, tuple) else (lambda e: e)
-        terms["embedding"] = (bottleneck(embed_x) - bottleneck(embed_fake)).pow(2).mean()
+        terms["embedding"] = (embed_x - embed_fake).pow(2).mean()
         if self.w.rec > 0:  # one more decoder pass, only when the term counts
-            terms["reconstruction"] = (x - g.decode(self.skip_drop(embed_x), c_x)).abs().mean()
+            terms["reconstruction"] = (x - g.decode(embed_x, c_x)).abs().mean()
         return terms
 
     def generator_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

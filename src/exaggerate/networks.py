@@ -1,8 +1,7 @@
 """Generator and discriminator of the explainer (docs/METHOD.md, "Networks").
 
-G(x, c): residual encoder-decoder, as the paper's without skip connections (skips=True adds
-them, off by default); every residual block uses conditional batch norm (one gamma/beta pair
-per posterior bin c). The encoder's bottleneck is the embedding E(x, c) read by the
+G(x, c): residual encoder-decoder, as the paper's without skip connections; every residual
+block uses conditional batch norm (one gamma/beta pair per posterior bin c). The encoder's bottleneck is the embedding E(x, c) read by the
 embedding-consistency loss.
 
 D(x, c): spectral-normalised residual blocks, global sum pooling to phi(x), an SN linear
@@ -138,14 +137,11 @@ def _upsample_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Generator(nn.Module):
-    """skips=True (explainer.generator_skips, a departure from the paper) adds the encoder's map at
-    each resolution to the decoder's output at that resolution (additive, no new weights). The
-    embedding E(x, c) is then the tuple of those maps, the bottleneck last."""
+    """The encoder's bottleneck is the embedding E(x, c); the decoder sees nothing else of x."""
 
-    def __init__(self, channels: int, widths: list[int], num_bins: int, skips: bool = False):
+    def __init__(self, channels: int, widths: list[int], num_bins: int):
         super().__init__()
         self.num_bins = num_bins
-        self.skips = skips
         self.stem = nn.Conv2d(channels, widths[0], 3, 1, 1)
         self.encoder = nn.ModuleList(
             GeneratorBlock(widths[i], widths[i + 1], num_bins, "down") for i in range(len(widths) - 1))
@@ -155,21 +151,16 @@ class Generator(nn.Module):
         self.out_conv = nn.Conv2d(widths[0], channels, 3, 1, 1)
 
     def encode(self, x: torch.Tensor, c: torch.Tensor):
-        """The embedding E(x, c): the bottleneck, or with skips every resolution's map."""
+        """The embedding E(x, c): the bottleneck."""
         h = self.stem(x)
-        levels = [h]
         for block in self.encoder:
             h = block(h, c)
-            levels.append(h)
-        return tuple(levels) if self.skips else h
+        return h
 
-    def decode(self, embedding, c: torch.Tensor) -> torch.Tensor:
-        levels = embedding if self.skips else (embedding,)
-        h = levels[-1]
-        for i, block in enumerate(self.decoder):
+    def decode(self, embedding: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = embedding
+        for block in self.decoder:
             h = block(h, c)
-            if self.skips:
-                h = h + levels[-2 - i]
         return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

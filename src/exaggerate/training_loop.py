@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import plots
-from .augment import augment, drop_skips
+from .augment import augment
 from .checkpoint import (TrainState, build_networks, checkpoint_dir, inputs_digest, latest_checkpoint,
                          load_checkpoint, save_checkpoint, save_generator, training_seed, training_signature)
 from .classifier import BlackBox
@@ -234,8 +234,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
                          LossWeights(params.lambda_gan, params.lambda_cyc, params.lambda_cls, params.lambda_rec),
                          lambda img: augment(img, params.augment, state.sampler_rng, (world.rank, world.size)),
                          lambda img: augment(img, params.classifier_augment, state.sampler_rng,
-                                             (world.rank, world.size), divisor=16),
-                         lambda e: drop_skips(e, params.skip_dropout, state.sampler_rng, (world.rank, world.size)))
+                                             (world.rank, world.size), divisor=16))
     sampler = PairSampler(dataset, indices, bins, params.batch_size, state.sampler_rng)
     x_grid = grid_queries(dataset, val_indices, f, params.grid_queries, device).to(device)
     loop = _Loop(state, f, base, params, folder, signature, x_grid, tracker, on_checkpoint, world)
