@@ -74,6 +74,6 @@ def test_series_json_says_whether_the_querys_detail_was_kept(fashion_root, tmp_p
         out = tmp_path / f"detail-{detail}"
         explain_stage(ds, np.arange(20), f, g, base, Explain(num_queries=4, strips=1, batch_size=4, detail=detail), out)
         meta = json.loads((out / "series.json").read_text())
-        assert meta["probes"] == 4 and len(meta["queries"]) == 4
+        assert meta["probes"] == Explain().probes and len(meta["queries"]) == 4
         # Off (the default), series.json is as before the option existed; on, it names tau.
         assert meta.get("detail") == (0.5 if detail else None)

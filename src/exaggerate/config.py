@@ -226,7 +226,7 @@ class Explain:
     # then generated at the conditions where the interpolated posterior crosses each bin centre.
     # A second generator pass and `probes` more images through G and f per query. Used by
     # explain, evaluate (for the explainer and its timing), tuning and `exaggerate explain`.
-    probes: int = 4
+    probes: int = 6
     # The query's own detail kept: 0 = off (the paper). tau > 0: what G's reconstruction misses,
     # x - G(x, c_x), is added back to every image of the series with the weight
     # (1 - |G(x, t) - G(x, c_x)| / tau) * (1 - |t - c_x| / (N - 1)) per pixel (images in
