@@ -1,8 +1,8 @@
 """Generator and discriminator of the explainer (docs/METHOD.md, "Networks").
 
 G(x, c): residual encoder-decoder, as the paper's without skip connections; every residual
-block uses conditional batch norm (one gamma/beta pair per posterior bin c). The encoder's bottleneck is the embedding E(x, c) read by the
-embedding-consistency loss.
+block uses conditional batch norm (one gamma/beta pair per posterior bin c). The encoder's
+bottleneck is the embedding E(x, c) read by the embedding-consistency loss.
 
 D(x, c): spectral-normalised residual blocks, global sum pooling to phi(x), an SN linear
 output plus the ordinal projection sum_{l <= c} <v_l, phi(x)> (one vector per level).
