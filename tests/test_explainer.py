@@ -494,40 +494,6 @@ def test_reconstruction_term_trains_g_towards_the_query_at_its_own_bin(setup, tm
         dataclasses.replace(TINY_EXPLAINER, lambda_rec=-1.0).validate("explainer")
 
 
-def test_warmup_trains_g_on_reconstruction_alone_then_the_paper_losses(setup, tmp_path):
-    base, ds, splits, f, idx, bins = setup
-    warm = dataclasses.replace(TINY_EXPLAINER, warmup_steps=2)
-    # Off, the signature is the one runs had before the setting existed; on, its own folder.
-    assert "warmup_steps" not in training_signature(base, TINY_EXPLAINER, "d")
-    assert training_signature(base, warm, "d")["warmup_steps"] == 2
-
-    class Recorder(Tracker):
-        def __init__(self):
-            self.logged = []
-
-        def metrics(self, values, step=None):
-            self.logged.append((step, values))
-
-    rec = Recorder()
-    fit(ds, idx, bins, splits["val"], f, base, warm, tmp_path / "warm", tracker=rec)
-    (s1, first), (s2, second) = rec.logged  # log_every 2: steps 1-2 (warm-up), 3-4 (the paper's)
-    assert (s1, s2) == (2, 4)
-    assert {k for k in first if k.startswith("g_")} == {"g_reconstruction", "g_total"}
-    assert first["g_total"] == pytest.approx(first["g_reconstruction"])
-    assert {"g_adversarial", "g_classifier", "g_cycle", "g_embedding"} <= set(second)
-    assert "d_adversarial" in first  # D trains during the warm-up
-    # One warm-up step is G's plain L1 step towards the query at its own bin: G moves that way.
-    state = new_state(base, TINY_EXPLAINER, f, torch.device("cpu"))
-    loss = ExplainerLoss(state.g, state.d, f, base.num_bins, LossWeights(1.0, 10.0, 1.0, 5.0))
-    x, c_x = ds.images(idx[:8]), torch.as_tensor(bins[:8])
-    before = (state.g(x, c_x) - x).abs().mean().item()
-    for _ in range(5):
-        explainer_step(state, loss, x, c_x, 1, contextlib.nullcontext, warmup=10)
-    assert (state.g(x, c_x) - x).abs().mean().item() < before
-    with pytest.raises(ConfigError, match="explainer.warmup_steps"):
-        dataclasses.replace(TINY_EXPLAINER, warmup_steps=4).validate("explainer")  # not below steps
-
-
 def test_generator_update_skips_ds_weight_gradients_and_keeps_gs_to_the_bit(setup):
     base, ds, splits, f, idx, bins = setup
     x = ds.images(idx[:8])

@@ -22,7 +22,7 @@ from .networks import Discriminator, Generator
 _CADENCE = ("steps", "checkpoint_every", "log_every", "image_every", "grid_queries", "seed", "processes")
 # Settings added after runs were recorded, and the value that computes what those runs did: at
 # that value a signature leaves them out, so existing checkpoints and generators keep loading.
-_ADDED_OFF = {"classifier_augment": "none", "ema_decay": 0.0, "warmup_steps": 0}
+_ADDED_OFF = {"classifier_augment": "none", "ema_decay": 0.0}
 
 
 class CheckpointError(ArtifactError):

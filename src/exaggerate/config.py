@@ -190,17 +190,12 @@ class Explainer:
     # generator written and explained with. 0: off, the paper's last weights. The CPU default
     # 0.99 won on the validation benchmark (docs/MEASUREMENTS.md, 2026-12-05).
     ema_decay: float = 0.99
-    # G's first warmup_steps updates train it as an autoencoder, L1(x, G(x, c_x)) alone, before
-    # the paper's losses take over (D trains as usual meanwhile). 0: off, the paper.
-    warmup_steps: int = 0
     # Training processes on this machine (torchrun; gloo on CPUs, NCCL on GPUs), each on its share
     # of the global batch_size: the same steps as one process, up to float rounding.
     processes: int = 1
 
     def validate(self, key: str) -> None:
         _check(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", self.ema_decay, "a number in [0, 1)")
-        _check(0 <= self.warmup_steps < self.steps, f"{key}.warmup_steps", self.warmup_steps,
-               f"an integer in [0, steps = {self.steps})")
         _check(self.processes >= 1, f"{key}.processes", self.processes, "an integer >= 1")
         _check(self.batch_size % self.processes == 0, f"{key}.batch_size", self.batch_size,
                f"a multiple of {key}.processes ({self.processes}): each process trains on an equal share")

@@ -11,7 +11,6 @@ With x' = G(x, c') and x'' = G(x', c_x), the cycle back to the source bin:
       reconstruction  L1(x, G(x, c_x))             (not in the paper; computed when lambda_rec > 0)
 G's total is lambda_gan * adversarial + lambda_cls * (classifier + classifier_cycle)
 + lambda_cyc * (cycle + embedding) + lambda_rec * reconstruction; D's is lambda_gan * adversarial.
-During the warm-up (explainer.warmup_steps) G's loss is the reconstruction term alone.
 """
 from __future__ import annotations
 
@@ -83,14 +82,6 @@ class ExplainerLoss:
         if self.w.rec > 0:  # one more decoder pass, only when the term counts
             terms["reconstruction"] = (x - g.decode(embed_x, c_x)).abs().mean()
         return terms
-
-    def warmup_terms(self, x: torch.Tensor, c_x: torch.Tensor, c_new: torch.Tensor) -> dict[str, torch.Tensor]:
-        """G as an autoencoder: L1(x, G(x, c_x)) alone (c_new unused)."""
-        return {"reconstruction": (x - self.g(x, c_x)).abs().mean()}
-
-    @staticmethod
-    def warmup_total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return terms["reconstruction"]
 
     def generator_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         w = self.w

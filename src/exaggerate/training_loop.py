@@ -70,11 +70,9 @@ def grid_queries(dataset: ImageDataset, val_indices: np.ndarray, f: BlackBox, co
 
 
 def explainer_step(state: TrainState, loss: ExplainerLoss, x: torch.Tensor, c_x: torch.Tensor,
-                   n_critic: int, autocast: Callable, world: World = World(), decay: float = 0.0,
-                   warmup: int = 0) -> dict[str, float]:
+                   n_critic: int, autocast: Callable, world: World = World(), decay: float = 0.0) -> dict[str, float]:
     """One iteration on the global batch (x, c_x): a D update, and a G update every n_critic-th
     iteration; with several processes each trains on its share and the gradients are averaged.
-    Over the first `warmup` iterations G's update is the reconstruction term alone.
     G's weight average (state.g_ema, if any) follows G at `decay` after each G update.
     Returns each term by name (d_/g_ prefixed, unweighted; this process's share) and the
     weighted totals."""
@@ -84,10 +82,9 @@ def explainer_step(state: TrainState, loss: ExplainerLoss, x: torch.Tensor, c_x:
                                autocast, world)
     logged = {**{f"d_{k}": v.item() for k, v in d_terms.items()}, "d_total": d_total.item()}
     if (state.step + 1) % n_critic == 0:
-        terms_of, total_of = ((loss.warmup_terms, loss.warmup_total) if state.step < warmup
-                              else (loss.generator_terms, loss.generator_total))
         with frozen(state.d):
-            g_terms, g_total = _update(state.opt_g, terms_of, total_of, batch, autocast, world)
+            g_terms, g_total = _update(state.opt_g, loss.generator_terms, loss.generator_total, batch,
+                                       autocast, world)
         logged.update({f"g_{k}": v.item() for k, v in g_terms.items()}, g_total=g_total.item())
         if state.g_ema is not None:  # per G update: iterations that only train D leave G as it was
             update_average(state.g_ema, state.g, decay, (state.step + 1) // n_critic)
@@ -248,7 +245,7 @@ def fit(dataset: ImageDataset, indices: np.ndarray, bins: np.ndarray, val_indice
         while state.step < params.steps:
             x, c_x = sampler.sample()
             loop.record(explainer_step(state, loss, x.to(device), c_x.to(device), params.n_critic, autocast,
-                                       world, params.ema_decay, params.warmup_steps), bar)
+                                       world, params.ema_decay), bar)
             bar.update(1)
     elapsed = time.time() - start_time
     if not world.is_main:
