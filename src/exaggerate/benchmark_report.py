@@ -1,6 +1,7 @@
 """The benchmark's report (benchmark/report/): per task the mean and range of each metric over
 the explainer seeds, the issue's acceptance checks on the means, each seed's main figures with a
-warning where the seeds split, and every run's series grid; logged to MLflow as one run.
+warning where the seeds split or a seed does not keep the query, and every run's series grid;
+logged to MLflow as one run.
 
 Only the report stage depends on this module (exaggerate.benchmark.dvc_yaml), so changing how
 results are tabulated never invalidates a finished run."""
@@ -53,6 +54,10 @@ COST = (
 # seeds, one plausible and one adversarial, would otherwise read as one middling result).
 PER_SEED = ("agreement", "mae", "recon", "fid")
 SEED_SPLIT = 0.25
+# A seed that does not keep the query: its reconstruction L1 is more than RECON_OUTLIER times the
+# best seed's and RECON_MARGIN above it. Such a seed has usually settled on inverting the query's
+# brightness (the cycle term is met as well by inverting and inverting back); see docs/BENCHMARK.md.
+RECON_OUTLIER, RECON_MARGIN = 2.0, 0.05
 
 
 def _get(d: dict, keys: tuple) -> Optional[float]:
@@ -97,6 +102,7 @@ def summarise(spec: Spec) -> dict:
                    for seed, m in sorted(per_seed.items())}
         out["tasks"][task] = {"seeds": sorted(per_seed), "metrics": row, "cost": cost, "checks": checks(row),
                               "per_seed": by_seed, "seeds_split": seeds_split(row),
+                              "recon_outliers": recon_outliers(by_seed),
                               "overrides": {k: v for k, v in spec.tasks[task].items()}}
     return out
 
@@ -108,6 +114,16 @@ def seeds_split(row: dict) -> Optional[bool]:
     if not a or not real or a["n"] < 2 or real["mean"] <= 0:
         return None
     return bool(a["max"] - a["min"] > SEED_SPLIT * real["mean"])
+
+
+def recon_outliers(by_seed: dict) -> list:
+    """The seeds whose reconstruction L1 is more than RECON_OUTLIER x the best seed's and
+    RECON_MARGIN above it (none with fewer than two seeds that have the figure)."""
+    recon = {seed: v["recon"] for seed, v in by_seed.items() if v.get("recon") is not None}
+    if len(recon) < 2:
+        return []
+    best = min(recon.values())
+    return [seed for seed, r in recon.items() if r > RECON_OUTLIER * best and r - best > RECON_MARGIN]
 
 
 def table(summary: dict) -> str:
@@ -208,6 +224,13 @@ def per_seed_table(summary: dict) -> list[str]:
             lines += ["", f"**{task}: the seeds split.** Their oracle agreement spans {a['min']:.3f} to "
                       f"{a['max']:.3f}, more than {SEED_SPLIT:g} x the real images' {real:.3f}: the mean "
                       "stands for no seed; look at each seed's grid."]
+        for seed in t.get("recon_outliers", []):
+            recon = {str(k): v["recon"] for k, v in t["per_seed"].items() if v.get("recon") is not None}
+            others = ", ".join(f"{r:.3f} (seed {k})" for k, r in recon.items() if k != str(seed))
+            lines += ["", f"**{task}: seed {seed} does not keep the query.** Its reconstruction L1 is "
+                      f"{recon[str(seed)]:.3f} against {others}: a seed that far above its siblings has usually "
+                      "settled on inverting the query's brightness (docs/BENCHMARK.md). Look at its grid, and "
+                      "train another seed rather than average it in."]
     return lines
 
 
