@@ -615,16 +615,18 @@ def test_killed_worker_trial_is_failed_and_study_completes(project, env, tmp_pat
             study = optuna.load_study(study_name="explainer-weights", storage=make_storage(storage, 0))
         except KeyError:
             continue
-        # The worker that runs a trial (not one still starting up, which has none to fail).
-        running = [t.user_attrs["worker"] for t in study.trials
-                   if t.state == optuna.trial.TrialState.RUNNING and "worker" in t.user_attrs]
+        # The worker that runs a trial (not one still starting up, which has none to fail), early in
+        # it: before its first evaluation (step 200 of 400), so that it cannot finish before the kill.
+        running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
+                   and "worker" in t.user_attrs and not t.intermediate_values]
         if running:
-            host, pid = running[0].rsplit(":", 1)
-            assert host == socket.gethostname() and int(pid) in _worker_pids(main.pid), running
-            victim = int(pid)
+            host, pid = running[0].user_attrs["worker"].rsplit(":", 1)
+            assert host == socket.gethostname() and int(pid) in _worker_pids(main.pid), running[0].user_attrs
+            victim, victim_trial = int(pid), running[0].number
     assert victim, "no worker with a running trial appeared"
-    time.sleep(1.0)
     os.kill(victim, signal.SIGKILL)
+    killed = optuna.load_study(study_name="explainer-weights", storage=make_storage(storage, 0)).trials[victim_trial]
+    assert killed.state == optuna.trial.TrialState.RUNNING, killed.state
     out, _ = main.communicate(timeout=600)
     assert main.returncode == 0, out
     study = optuna.load_study(study_name="explainer-weights", storage=make_storage(storage, 0))
