@@ -149,22 +149,6 @@ def test_pixel_search_reaches_the_target_bins():
     assert np.abs(p - bin_centre(np.arange(10), 10)).max() < 0.011
 
 
-def test_pixel_search_reaches_every_bin_from_a_saturated_query_and_near_the_ends():
-    """With the distance term on (the pipeline's lam 0.1), a search on f's probability stalls
-    where f saturates (its gradient vanishes) and short of the nearest end bin (the distance
-    term outweighs a small probability error); in logits it reaches every bin."""
-    def steep_f(x):
-        return torch.sigmoid(20 * x.mean(dim=(1, 2, 3)) - 2)
-    saturated, near_zero = torch.full((1, 1, 6, 6), 0.9), torch.full((1, 1, 6, 6), -0.1)
-    assert float(steep_f(saturated)) > 1 - 2e-7 and float(steep_f(near_zero)) < 0.03
-    for x in (saturated, near_zero):
-        s, taken, reached = pixel_search(steep_f, x, 10, steps=300, lr=0.01, lam=0.1, tolerance=0.02,
-                                         return_steps=True)
-        assert bool(reached.all()), taken
-        p = steep_f(s.flatten(0, 1)).detach().numpy()
-        assert np.abs(p - bin_centre(np.arange(10), 10)).max() < 0.02
-
-
 def test_face_identity_on_real_faces():
     pytest.importorskip("dlib")
     data = pytest.importorskip("skimage.data")

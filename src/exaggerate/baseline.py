@@ -10,35 +10,21 @@ import torch
 from .posteriors import bin_centre
 
 
-def _logit(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """log(p / (1 - p)) in float64, so that a float32 f of 1 - 1e-7 keeps its gradient; only an
-    f of exactly 0 or 1 (no gradient to follow either way) is held at eps from it."""
-    p = p.double().clamp(eps, 1 - eps)
-    return (torch.log(p) - torch.log1p(-p)).float()
-
-
 def pixel_search(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num_bins: int, steps: int,
                  lr: float, lam: float, tolerance: float, return_steps: bool = False):
     """Gradient-based counterfactual search in pixel space (Wachter et al. 2017): for each
-    query and target bin, minimise ((logit f(x') - logit t) / 4)^2 + lam * mean|x' - x| with
-    Adam, x' clipped to [-1, 1]; an image is kept once |f(x') - t| < tolerance. Returns
-    (B, N, C, H, W); with
+    query and target bin, minimise (f(x') - t)^2 + lam * mean|x' - x| with Adam, x' clipped
+    to [-1, 1]; an image is kept once |f(x') - t| < tolerance. Returns (B, N, C, H, W); with
     return_steps, also the Adam steps each image took to reach its bin (B, N; `steps` where it
     did not) and whether it did (B, N).
 
     Each image's search is its own (Adam works element by element and f sees each image alone),
     so an image that reached its bin leaves the batch: a call costs the sum of its images'
     steps, not its slowest image's steps times their number. Keeping finished images in the
-    batch made the baseline 1.6-4x slower than it has to be (docs/MEASUREMENTS.md, 2026-12-02).
-
-    The prediction term is measured in logits (divided by 4, it equals (f(x') - t)^2 near
-    f = 0.5): on probabilities its gradient vanishes where f saturates and is outweighed by the
-    distance term near the end bins, so 3-9% of the bin images on three benchmark tasks never
-    reached their bin and took 24-56% of the search's steps (docs/MEASUREMENTS.md, 2026-12-06)."""
+    batch made the baseline 1.6-4x slower than it has to be (docs/MEASUREMENTS.md, 2026-12-02)."""
     b = x.shape[0]
     x0 = x.repeat_interleave(num_bins, 0).detach()
     t = torch.from_numpy(bin_centre(np.arange(num_bins), num_bins)).float().to(x.device).repeat(b)
-    logit_t = _logit(t)
     delta = torch.zeros_like(x0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     result = x0.clone()
@@ -55,8 +41,7 @@ def pixel_search(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num
         if not bool(searching.any()):
             active = active[searching]
             break
-        prediction = ((_logit(p) - logit_t[active]) / 4) ** 2
-        loss = (prediction + lam * (xp - x0[active]).abs().flatten(1).mean(1))[searching].sum()
+        loss = ((p - t[active]) ** 2 + lam * (xp - x0[active]).abs().flatten(1).mean(1))[searching].sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
