@@ -20,6 +20,10 @@ needs only f. The G passes per series are printed, so a stand-in's count can be 
     python scripts/bench_speedup.py --batches 1 5 10 --queries 20
     python scripts/bench_speedup.py --task bag_rest --generator \
         benchmark/runs/sneaker_boot/s0/explainer/generator.pt  # validation queries
+    python scripts/bench_speedup.py --task bag_rest --stall    # the baseline's stall stop only
+
+--stall needs no G: it runs the baseline's search with its stall stop (baseline.STALL_STEPS) and
+without it on the same queries and prints what the stop saves and whether it loses bins.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def main() -> None:
     from exaggerate.config import load_config
     from exaggerate.evaluate import COST_QUERIES, add_flop_rates, series_cost, time_in_turns
     from exaggerate.report import cost_text
-    from exaggerate.baseline import pixel_search
+    from exaggerate.baseline import configured_search
     from exaggerate.checkpoint import load_generator
     from exaggerate.inference import explain_series
     from exaggerate.series import choose_queries
@@ -53,6 +57,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 5, 10, 25])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each explainer batch (mean)")
+    ap.add_argument("--stall", action="store_true",
+                    help="only compare the baseline's search with and without its stall stop")
     ap.add_argument("--unfolded", action="store_true",
                     help="also time the generator without folding resampling into its convolutions")
     args = ap.parse_args()
@@ -72,19 +78,21 @@ def main() -> None:
     set_threads(base.threads)
     device = resolve_device(base.device)
     generator = args.generator or Path(paths["train_explainer"]) / "generator.pt"
-    for p in [*needed, generator]:
+    for p in [*needed] + ([] if args.stall else [generator]):
         if not p.is_file():
             raise SystemExit(f"{p} not found: run `{hint}` first" if p != args.generator else f"{p} not found")
     f = load_classifier(paths["train_classifier"], base).to(device)
-    g = load_generator(generator, base, cfg.explainer).to(device)
-    channels_last(g, f, enabled=cfg.explain.channels_last)
     if args.task:
         dataset, splits = _dataset_and_splits(cfg, paths)
         x = dataset.images(choose_queries(splits[args.split], args.queries, base.seed)).to(device)
-        print(f"task {args.task}: {len(x)} {args.split} queries, G from {generator}")
+        print(f"task {args.task}: {len(x)} {args.split} queries" + ("" if args.stall else f", G from {generator}"))
     else:
         with np.load(needed[0]) as z:
             x = torch.from_numpy(z["queries"][:args.queries]).to(device)
+    if args.stall:
+        return stall_report(f, x, base.num_bins, ev)
+    g = load_generator(generator, base, cfg.explainer).to(device)
+    channels_last(g, f, enabled=cfg.explain.channels_last)
     nq, probes = len(x), cfg.explain.probes
     print(f"{nq} queries x {base.num_bins} bins, explain.probes {probes}, baseline {ev.baseline_steps} steps at "
           f"most, {torch.get_num_threads()} threads, device {device}")
@@ -97,8 +105,7 @@ def main() -> None:
     def explainer_unfolded(xb):
         return explainer(xb, g_unfolded)
 
-    def baseline(xb, steps=ev.baseline_steps):
-        return pixel_search(f, xb, base.num_bins, steps, ev.baseline_lr, ev.baseline_lambda, ev.baseline_tolerance)
+    baseline = configured_search(f, base.num_bins, ev)
 
     methods = {"explainer": (explainer, args.repeats)}
     if args.unfolded:
@@ -127,9 +134,7 @@ def main() -> None:
           f"{best_base[2]:.3f} s at {best_base[0]} per call: {ratio:.1f} times faster")
     # What that ratio is made of, counted as evaluate counts it (evaluate.series_cost).
     cost = series_cost(lambda xb, g, f: explain_series(g, f, xb, base.num_bins, probes)[0],
-                       lambda xb, steps=ev.baseline_steps, f=f, return_steps=False: pixel_search(
-                           f, xb, base.num_bins, steps, ev.baseline_lr, ev.baseline_lambda, ev.baseline_tolerance,
-                           return_steps=return_steps),
+                       baseline,
                        g, f, x[:COST_QUERIES], base.num_bins, {})
     cost = add_flop_rates(cost, {"explainer": best_exp[1], "baseline": best_base[2]})
     print(cost_text(cost, ratio))
@@ -144,6 +149,24 @@ def main() -> None:
         print(f"G is a stand-in: {e['generator_images']:.1f} G passes per series of the {most} a series can "
               f"take; at {most}, at the rate measured, the explainer would take {gflops / rate * 1000:.2f} ms: "
               f"{best_base[2] / (gflops / rate):.1f} times faster (the bound for the task's own G)")
+
+
+def stall_report(f, x: torch.Tensor, num_bins: int, ev) -> None:
+    """The baseline's search with its stall stop and with none, on the same queries: the share of
+    bin images each reaches, the bins the stop loses, and the Adam steps per bin image."""
+    from exaggerate.baseline import STALL_IMPROVEMENT, STALL_STEPS, pixel_search
+
+    out = {}
+    for name, patience in (("no stop", 0), (f"stop after {STALL_STEPS} steps without {STALL_IMPROVEMENT:g}", STALL_STEPS)):
+        _, taken, reached = pixel_search(f, x, num_bins, ev.baseline_steps, ev.baseline_lr, ev.baseline_lambda,
+                                         ev.baseline_tolerance, return_steps=True, patience=patience)
+        out[name] = (taken.float(), reached)
+        print(f"{name:>40}: {float(reached.float().mean()):.3f} of {reached.numel()} bin images reached, "
+              f"{float(taken.float().mean()):.1f} Adam steps per bin image", flush=True)
+    (t0, r0), (t1, r1) = out.values()
+    lost, saved = int((r0 & ~r1).sum()), float(t1.sum() / t0.sum())
+    print(f"the stop loses {lost} of the {int(r0.sum())} bin images the full search reaches and takes "
+          f"{saved:.2f}x its steps")
 
 
 if __name__ == "__main__":

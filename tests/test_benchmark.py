@@ -262,6 +262,13 @@ def test_the_benchmark_runs_through_dvc_and_reruns_only_what_a_change_reaches(tm
     measured = float(re.search(r"each at its fastest: .*: ([\d.]+) times faster", out.stdout).group(1))
     assert float(bound.group(1)) <= int(bound.group(2))
     assert float(bound.group(3)) <= measured + 0.1
+    # The baseline's stall stop, checked on the task's queries without any G.
+    out = run([*bench, "--task", "digits", "--stall"], root, env)
+    assert "task digits: 3 val queries\n" in out.stdout
+    shares = re.findall(r": ([\d.]+) of 30 bin images reached, ([\d.]+) Adam steps per bin image", out.stdout)
+    assert len(shares) == 2 and float(shares[1][0]) <= float(shares[0][0]) and float(shares[1][1]) <= float(shares[0][1])
+    lost = re.search(r"the stop loses (\d+) of the (\d+) bin images the full search reaches", out.stdout)
+    assert int(lost.group(2)) == round(float(shares[0][0]) * 30) and int(lost.group(1)) <= int(lost.group(2))
     out = run([*bench, "--task", "shoes"], root, env, check=False)
     assert out.returncode != 0 and "no task 'shoes' under tasks" in out.stderr
     run(["git", "add", "-A"], root, env)

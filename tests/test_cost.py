@@ -56,6 +56,29 @@ def test_finished_images_leave_the_search_without_changing_the_others():
     assert bool(reached.all()) and sum(passes) == int((taken + 1).sum()) < 2 * NUM_BINS * (int(taken.max()) + 1)
 
 
+def test_a_stalled_search_stops_unreached_and_the_reachable_bins_are_unchanged():
+    """With patience, an image whose distance to its bin stops falling leaves the search early,
+    unreached; every image the full search reaches is reached at the same step, as the same image."""
+    f = ConvF()
+    # lam 1: the distance term outweighs the probability error before the farthest bins are reached.
+    x = torch.stack([torch.full((1, 8, 8), -0.3), torch.full((1, 8, 8), 0.2)])
+    full, taken, reached = pixel_search(f, x, NUM_BINS, 300, 0.05, 1.0, 0.02, return_steps=True, patience=0)
+    assert 0 < int(reached.sum()) < reached.numel() and bool((taken[~reached] == 300).all())
+    stopped, taken_p, reached_p = pixel_search(f, x, NUM_BINS, 300, 0.05, 1.0, 0.02, return_steps=True,
+                                               patience=20, min_improvement=1e-4)
+    assert torch.equal(reached_p, reached) and torch.equal(taken_p[reached], taken[reached])
+    assert torch.allclose(stopped[reached], full[reached], atol=1e-6)
+    assert bool((taken_p[~reached] < 300).all()) and bool((taken_p[~reached] >= 20).all())
+    # The stopped images are billed only their own steps: fewer f passes in all.
+    passes = {}
+    for patience in (0, 20):
+        count = []
+        pixel_search(lambda img: count.append(len(img)) or f(img), x, NUM_BINS, 300, 0.05, 1.0, 0.02,
+                     patience=patience)
+        passes[patience] = sum(count)
+    assert passes[20] == int((taken_p + 1).sum()) < passes[0]
+
+
 def test_forward_flops_counts_convolutions_and_says_when_it_cannot():
     flops, why = forward_flops(ConvF(), torch.zeros(1, 1, 8, 8))
     assert flops == 2 * 9 * 6 * 6 and why is None

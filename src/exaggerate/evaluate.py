@@ -348,7 +348,7 @@ def cycle_l1(g, x: torch.Tensor, source: torch.Tensor, num_bins: int, batch_size
 def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Config, device: torch.device) -> dict:
     """The explainer's stored series and, on the first evaluate.baseline_queries queries, the
     explainer and the baseline generating theirs in the same process, timed in turns."""
-    from .baseline import pixel_search
+    from .baseline import configured_search
     from .inference import explain_series, series
 
     base, params, probes = cfg.base, cfg.evaluate, cfg.explain.probes
@@ -359,9 +359,7 @@ def compare_methods(g, f: BlackBox, data: dict, evaluator: Evaluator, cfg: Confi
     def explainer(xb, g=g, f=f):
         return explain_series(g, f, xb, base.num_bins, probes, cfg.explain.detail)[0]
 
-    def baseline(xb, steps=params.baseline_steps, f=f, return_steps=False):
-        return pixel_search(f, xb, base.num_bins, steps, params.baseline_lr, params.baseline_lambda,
-                            params.baseline_tolerance, return_steps=return_steps)
+    baseline = configured_search(f, base.num_bins, params)
     out, by_batch = fastest_of(explainer, baseline, x_sub, params.series_batches, params.timing_repeats)
     seconds = {name: min(t.values()) for name, t in by_batch.items()}
     absent: dict[str, str] = {}
