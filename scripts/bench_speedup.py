@@ -162,7 +162,7 @@ def stall_report(f, x: torch.Tensor, num_bins: int, ev) -> None:
                                          ev.baseline_tolerance, return_steps=True, patience=patience)
         out[name] = (taken.float(), reached)
         print(f"{name:>40}: {float(reached.float().mean()):.3f} of {reached.numel()} bin images reached, "
-              f"{float(taken.float().mean()):.1f} Adam steps per bin image", flush=True)
+              f"{float(out[name][0].mean()):.1f} Adam steps per bin image", flush=True)
     (t0, r0), (t1, r1) = out.values()
     lost, saved = int((r0 & ~r1).sum()), float(t1.sum() / t0.sum())
     print(f"the stop loses {lost} of the {int(r0.sum())} bin images the full search reaches and takes "
