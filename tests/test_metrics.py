@@ -181,6 +181,30 @@ def test_results_table_lists_each_method_and_names_absent_metrics():
     assert "- mnac: single-label dataset" in table
 
 
+def test_a_generator_that_greys_out_or_inverts_the_query_does_not_keep_it():
+    from exaggerate.evaluate import reconstruction
+    from exaggerate.report import query_kept_text
+
+    rng = np.random.default_rng(0)
+    # Queries of two kinds with their own shapes and noise, as a dataset's images are.
+    shapes = np.where(rng.random((2, 1, 8, 8)) < 0.5, -1.0, 1.0)
+    queries = np.clip(shapes[rng.integers(0, 2, 40)] + rng.normal(0, 0.3, (40, 1, 8, 8)), -1, 1).astype(np.float32)
+    close = reconstruction(queries + rng.normal(0, 0.05, queries.shape).astype(np.float32), queries)
+    grey = reconstruction(np.zeros_like(queries), queries)
+    inverted = reconstruction(-queries, queries)
+    assert close["query_kept"] and not grey["query_kept"] and not inverted["query_kept"]
+    assert close["median_image_l1"] == grey["median_image_l1"] == pytest.approx(
+        float(np.abs(queries - np.median(queries, axis=0)).mean()))
+    # The per-pixel median is the best constant image: G drawing it exactly sits at share 1.0.
+    median = reconstruction(np.broadcast_to(np.median(queries, axis=0), queries.shape), queries)
+    assert median["reconstruction_l1"] == pytest.approx(median["median_image_l1"]) and not median["query_kept"]
+    assert query_kept_text(close).endswith("it keeps the query (below 0.5).")
+    text = query_kept_text(inverted)
+    assert text.startswith("**G does not keep the query.** G reconstructs the queries at L1 ")
+    assert f"{inverted['reconstruction_l1'] / inverted['median_image_l1']:.2f} of the" in text
+    assert query_kept_text({"reconstruction_l1": 0.1}) == ""
+
+
 def test_oracle_index_of_names_its_columns():
     from exaggerate.oracle import Oracle, OracleNet
 

@@ -226,6 +226,10 @@ def test_evaluation_outputs(project):
     assert cost["generator_mflops_per_image"] > 0 and cost["classifier_mflops_per_image"] > 0
     assert cost["flops_ratio"] > 0 and "What a series costs" in table
     assert (project / "outputs/evaluate/oracle_agreement.png").stat().st_size > 0
+    # Whether G keeps the query, against one constant image's reconstruction, in both files.
+    e = m["explainer"]
+    assert e["query_kept"] == (e["reconstruction_l1"] < 0.5 * e["median_image_l1"]) and e["median_image_l1"] > 0
+    assert ("keeps the query" if e["query_kept"] else "G does not keep the query") in table
     assert len(m["explainer"]["oracle_curve"]) == len(m["real_images"]["oracle_curve"]) == 10
     real = m["real_images"]
     assert real["split"] == "test" and sum(real["per_bin"]) == real["images"] > 0

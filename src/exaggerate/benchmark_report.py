@@ -12,7 +12,9 @@ from typing import Optional
 import numpy as np
 
 from .benchmark import REPORT, Spec, run_dir
+from .evaluate import QUERY_KEPT_SHARE
 from .io import read_json, write_json, write_text
+from .report import QUERY_LOST, reconstruction_text
 
 # (column, metrics.json key path, label)
 COLUMNS = (
@@ -54,10 +56,6 @@ COST = (
 # seeds, one plausible and one adversarial, would otherwise read as one middling result).
 PER_SEED = ("agreement", "mae", "recon", "fid")
 SEED_SPLIT = 0.25
-# A seed that does not keep the query: its reconstruction L1 is more than RECON_OUTLIER times the
-# best seed's and RECON_MARGIN above it. Such a seed has usually settled on inverting the query's
-# brightness (the cycle term is met as well by inverting and inverting back); see docs/BENCHMARK.md.
-RECON_OUTLIER, RECON_MARGIN = 2.0, 0.05
 
 
 def _get(d: dict, keys: tuple) -> Optional[float]:
@@ -99,10 +97,12 @@ def summarise(spec: Spec) -> dict:
                 into[col] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals)),
                              "n": len(vals)} if vals else None
         by_seed = {seed: {col: _get(m, keys) for col, keys, _ in COLUMNS if col in PER_SEED}
+                   | {"median_image_l1": _get(m, ("explainer", "median_image_l1"))}
                    for seed, m in sorted(per_seed.items())}
         out["tasks"][task] = {"seeds": sorted(per_seed), "metrics": row, "cost": cost, "checks": checks(row),
                               "per_seed": by_seed, "seeds_split": seeds_split(row),
-                              "recon_outliers": recon_outliers(by_seed),
+                              "query_lost": [seed for seed, m in sorted(per_seed.items())
+                                             if m.get("explainer", {}).get("query_kept") is False],
                               "overrides": {k: v for k, v in spec.tasks[task].items()}}
     return out
 
@@ -114,16 +114,6 @@ def seeds_split(row: dict) -> Optional[bool]:
     if not a or not real or a["n"] < 2 or real["mean"] <= 0:
         return None
     return bool(a["max"] - a["min"] > SEED_SPLIT * real["mean"])
-
-
-def recon_outliers(by_seed: dict) -> list:
-    """The seeds whose reconstruction L1 is more than RECON_OUTLIER x the best seed's and
-    RECON_MARGIN above it (none with fewer than two seeds that have the figure)."""
-    recon = {seed: v["recon"] for seed, v in by_seed.items() if v.get("recon") is not None}
-    if len(recon) < 2:
-        return []
-    best = min(recon.values())
-    return [seed for seed, r in recon.items() if r > RECON_OUTLIER * best and r - best > RECON_MARGIN]
 
 
 def table(summary: dict) -> str:
@@ -224,13 +214,11 @@ def per_seed_table(summary: dict) -> list[str]:
             lines += ["", f"**{task}: the seeds split.** Their oracle agreement spans {a['min']:.3f} to "
                       f"{a['max']:.3f}, more than {SEED_SPLIT:g} x the real images' {real:.3f}: the mean "
                       "stands for no seed; look at each seed's grid."]
-        for seed in t.get("recon_outliers", []):
-            recon = {str(k): v["recon"] for k, v in t["per_seed"].items() if v.get("recon") is not None}
-            others = ", ".join(f"{r:.3f} (seed {k})" for k, r in recon.items() if k != str(seed))
-            lines += ["", f"**{task}: seed {seed} does not keep the query.** Its reconstruction L1 is "
-                      f"{recon[str(seed)]:.3f} against {others}: a seed that far above its siblings has usually "
-                      "settled on inverting the query's brightness (docs/BENCHMARK.md). Look at its grid, and "
-                      "train another seed rather than average it in."]
+        for seed in t.get("query_lost", []):
+            vals = t["per_seed"].get(str(seed)) or t["per_seed"][seed]  # str keys once read back from JSON
+            lines += ["", f"**{task}: seed {seed} does not keep the query.** "
+                      f"{reconstruction_text(vals['recon'], vals['median_image_l1'])}, at or above "
+                      f"{QUERY_KEPT_SHARE:g}: {QUERY_LOST} Do not average it in."]
     return lines
 
 

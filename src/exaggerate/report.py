@@ -59,6 +59,9 @@ def results_table(summary: dict) -> str:
                      f"baseline: {timings('baseline')} per series).")
     if summary.get("cost_per_series"):
         lines.append(cost_text(summary["cost_per_series"], summary.get("speedup_explainer_vs_baseline")))
+    kept = query_kept_text(summary["explainer"])
+    if kept:
+        lines.append(kept)
     real = summary.get("real_images") or {}
     if real.get("oracle_agreement") is not None:
         lines.append(f"Reference: the {real['images']} real {real['split']} images, grouped by f's posterior bin "
@@ -76,6 +79,32 @@ def results_table(summary: dict) -> str:
         lines.append("Absent metrics:")
         lines += [f"- {k}: {v}" for k, v in sorted(summary["absent"].items())]
     return "\n".join(lines) + "\n"
+
+
+# What a run whose G does not keep the query shows, and what to do (evaluate.reconstruction).
+QUERY_LOST = ("the series are variations of one mode of G rather than of each query (a seed that settles there "
+              "usually inverts the query's brightness or greys it out). Look at the series grid, and train another "
+              "seed (explainer.seed).")
+
+
+def reconstruction_text(l1: float, constant: float) -> str:
+    """G's reconstruction L1 against the one of the queries' per-pixel median image."""
+    return (f"G reconstructs the queries at L1 {l1:.3f}, {l1 / constant:.2f} of the {constant:.3f} that one constant "
+            "image (their per-pixel median) reaches")
+
+
+def query_kept_text(explainer: dict) -> str:
+    """Whether G keeps the query (evaluate.reconstruction), in one paragraph; empty when the
+    figures are absent."""
+    from .evaluate import QUERY_KEPT_SHARE
+
+    l1, constant = explainer.get("reconstruction_l1"), explainer.get("median_image_l1")
+    if l1 is None or not constant:
+        return ""
+    if explainer.get("query_kept"):
+        return f"{reconstruction_text(l1, constant)}: it keeps the query (below {QUERY_KEPT_SHARE:g})."
+    return (f"**G does not keep the query.** {reconstruction_text(l1, constant)}, at or above "
+            f"{QUERY_KEPT_SHARE:g}: {QUERY_LOST}")
 
 
 def cost_text(cost: dict, speedup) -> str:
