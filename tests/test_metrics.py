@@ -205,6 +205,27 @@ def test_a_generator_that_greys_out_or_inverts_the_query_does_not_keep_it():
     assert query_kept_text({"reconstruction_l1": 0.1}) == ""
 
 
+def test_evaluate_says_whether_the_oracle_reads_the_series_change_as_the_class():
+    from exaggerate.evaluate import oracle_reading
+    from exaggerate.report import oracle_reading_text
+
+    real = 0.8
+    reads, short = oracle_reading(0.76, real), oracle_reading(0.64, real)
+    assert reads["oracle_agreement_share"] == pytest.approx(0.95) and reads["oracle_reads_change"]
+    assert short["oracle_agreement_share"] == pytest.approx(0.8) and not short["oracle_reads_change"]
+    assert oracle_reading(0.5625, 0.625)["oracle_reads_change"]  # exactly on the line (0.9) passes
+    # Above the real images' (a series set can beat real data) still reads as the class.
+    assert oracle_reading(0.9, real)["oracle_agreement_share"] > 1
+    # Refused oracle (None), no real reference, or a reference that is no correlation at all: nothing said.
+    assert oracle_reading(None, real) == oracle_reading(0.5, None) == oracle_reading(0.5, 0.0) == {}
+    text = oracle_reading_text({"oracle_agreement": 0.64, **short}, real)
+    assert text.startswith("**The oracle reads less class change than f does.**")
+    assert "0.640, is 0.80 of the real images' (0.800), below 0.9" in text and "series grid" in text
+    assert oracle_reading_text({"oracle_agreement": 0.76, **reads}, real).endswith(
+        "it reads the series' change as the class's (at or above 0.9).")
+    assert oracle_reading_text({"oracle_agreement": None}, real) == ""
+
+
 def test_oracle_index_of_names_its_columns():
     from exaggerate.oracle import Oracle, OracleNet
 

@@ -235,6 +235,12 @@ def test_evaluation_outputs(project):
     assert real["split"] == "test" and sum(real["per_bin"]) == real["images"] > 0
     if real["oracle_agreement"] is not None:  # None only when f puts all real images in one bin
         assert -1 <= real["oracle_agreement"] <= 1 and "what real data reaches" in table
+        # The explainer's agreement as a share of the real images', with its sentence.
+        if real["oracle_agreement"] > 0 and e.get("oracle_agreement") is not None:
+            assert e["oracle_agreement_share"] == pytest.approx(e["oracle_agreement"] / real["oracle_agreement"])
+            assert e["oracle_reads_change"] == (e["oracle_agreement_share"] >= 0.9)
+            assert ("reads the series' change as the class's" if e["oracle_reads_change"]
+                    else "The oracle reads less class change than f does") in table
 
 
 def test_evaluation_reports_the_papers_series_and_the_oracle_gate(project):

@@ -81,8 +81,22 @@ def oracle_refusal(oracle_metrics: dict, gate: float) -> Optional[str]:
 # G keeps the query when its reconstruction L1 stays below this share of the L1 one constant
 # image reaches: the queries' per-pixel median, the best constant under L1. On the benchmark's
 # tasks sound explainer runs measured 0.14-0.39 of it, seeds that settled on inverting or greying
-# out the query 0.68-1.23 (docs/EVALUATION.md).
+# out the query 0.68-1.23 on test and 0.66-1.22 on validation (docs/EVALUATION.md).
 QUERY_KEPT_SHARE = 0.5
+
+# The oracle reads a series set's change as the class's when its agreement with the series' bins
+# reaches this share of what real images grouped by f's bin reach (#21's acceptance line).
+ORACLE_READS_SHARE = 0.9
+
+
+def oracle_reading(agreement: Optional[float], real_agreement: Optional[float]) -> dict:
+    """A method's oracle agreement as a share of the real images' (oracle_agreement_share), and
+    whether it reaches ORACLE_READS_SHARE (oracle_reads_change); empty when either is absent (an
+    oracle refused by its gate) or the real images' is not positive."""
+    if agreement is None or real_agreement is None or real_agreement <= 0:
+        return {}
+    share = agreement / real_agreement
+    return {"oracle_agreement_share": share, "oracle_reads_change": share >= ORACLE_READS_SHARE}
 
 
 def reconstruction(recon: np.ndarray, queries: np.ndarray) -> dict:

@@ -67,6 +67,9 @@ def results_table(summary: dict) -> str:
         lines.append(f"Reference: the {real['images']} real {real['split']} images, grouped by f's posterior bin "
                      "and each bin weighted equally (a series set holds one image per bin), give oracle "
                      f"agreement {real['oracle_agreement']:.4f}: what real data reaches under this oracle.")
+        reading = oracle_reading_text(summary["explainer"], real["oracle_agreement"])
+        if reading:
+            lines.append(reading)
     if summary.get("oracle_test_accuracy") is not None:
         lines.append(f"Oracle test accuracy: {summary['oracle_test_accuracy']:.4f} over all classes.")
     if summary.get("oracle_task_accuracy") is not None:
@@ -105,6 +108,28 @@ def query_kept_text(explainer: dict) -> str:
         return f"{reconstruction_text(l1, constant)}: it keeps the query (below {QUERY_KEPT_SHARE:g})."
     return (f"**G does not keep the query.** {reconstruction_text(l1, constant)}, at or above "
             f"{QUERY_KEPT_SHARE:g}: {QUERY_LOST}")
+
+
+# What a run whose series move f more than the oracle shows, and what to look at.
+ORACLE_UNMOVED = ("the series move f by edits the oracle does not read as the class. Either G found changes that "
+                  "move this f without changing the class as the oracle sees it, or f relies on evidence other "
+                  "than the class's (which is what an audit looks for): read the series grid before taking the "
+                  "series as class evidence.")
+
+
+def oracle_reading_text(explainer: dict, real_agreement: float) -> str:
+    """Whether the oracle reads the series' change as the class's (evaluate.oracle_reading), in
+    one paragraph; empty when the figures are absent."""
+    from .evaluate import ORACLE_READS_SHARE
+
+    share = explainer.get("oracle_agreement_share")
+    if share is None:
+        return ""
+    figures = (f"The oracle's agreement with the explainer's series, {explainer['oracle_agreement']:.3f}, is "
+               f"{share:.2f} of the real images' ({real_agreement:.3f})")
+    if explainer.get("oracle_reads_change"):
+        return f"{figures}: it reads the series' change as the class's (at or above {ORACLE_READS_SHARE:g})."
+    return f"**The oracle reads less class change than f does.** {figures}, below {ORACLE_READS_SHARE:g}: {ORACLE_UNMOVED}"
 
 
 def cost_text(cost: dict, speedup) -> str:
@@ -240,6 +265,9 @@ def summarise(compared: dict, reference: dict, split: str, oracle_metrics: dict,
         from .evaluate import add_flop_rates
         summary["cost_per_series"] = add_flop_rates(compared["cost"], {"explainer": t_explainer,
                                                                        "baseline": t_baseline})
+    from .evaluate import oracle_reading
+    for name in results:
+        summary[name].update(oracle_reading(summary[name].get("oracle_agreement"), reference.get("oracle_agreement")))
     if probes:
         summary["explain_probes"] = probes
     if detail:
