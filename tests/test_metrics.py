@@ -252,6 +252,16 @@ def test_time_in_turns_interleaves_methods_per_batch_and_repeats_the_fast_one():
         [("fast", 1)] * 3 + [("slow", 1)]
     assert torch.equal(out["fast"], 2 * x) and torch.equal(out["slow"], -x)
     assert set(seconds) == {"fast", "slow"} and all(t > 0 for t in seconds.values())
+    # A progress bar advances by each turn's queries, after both methods have had it.
+    steps = []
+
+    class Bar:
+        def update(self, n):
+            steps.append((n, len(calls)))
+
+    calls.clear()
+    time_in_turns({"fast": (method("fast", 2), 1), "slow": (method("slow", -1), 1)}, x, 2, Bar())
+    assert steps == [(2, 2), (2, 4), (1, 6)]
 
 
 def test_oracle_task_accuracy_judges_the_explained_decision_only():

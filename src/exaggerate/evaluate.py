@@ -20,6 +20,7 @@ from .datasets import DatasetError, ImageDataset
 from .errors import ExaggerateError
 from .io import load_npz
 from .oracle import Oracle
+from .utils import progress
 
 SERIES_KEYS = ("ids", "labels", "queries", "series", "recon", "p_query", "p_series", "p_recon", "source_bin",
                "conditions")
@@ -247,13 +248,14 @@ def face_identity(x: torch.Tensor, x_cf: torch.Tensor) -> tuple[Optional[dict], 
 
 
 def time_in_turns(methods: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]], x: torch.Tensor,
-                  batch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                  batch: int, bar=None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Each method's output on x (concatenated, on the CPU) and its seconds per query.
 
     methods maps a name to (function of a batch of queries, timed runs per batch). The methods
     take turns batch by batch, so that a slow spell of a shared machine falls on all of them;
     a method far faster than the others is run several times per batch (mean), so that its
-    time is not one short sample."""
+    time is not one short sample. bar (a progress bar) advances by the queries of each turn,
+    outside the timed calls."""
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in methods}
     spent = dict.fromkeys(methods, 0.0)
     for i in range(0, len(x), batch):
@@ -264,6 +266,8 @@ def time_in_turns(methods: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor
                 result = fn(xb)
             spent[name] += (time.perf_counter() - start) / repeats
             parts[name].append(result.cpu())
+        if bar is not None:
+            bar.update(len(xb))
     return ({name: torch.cat(p) for name, p in parts.items()},
             {name: t / len(x) for name, t in spent.items()})
 
@@ -276,13 +280,17 @@ def fastest_of(explainer: Callable, baseline: Callable, x: torch.Tensor, batches
     one-off set-up (oneDNN kernels, allocations) that is not the cost of a series. `baseline`
     takes the number of steps as its second argument (2 for that warm-up)."""
     out, by_batch = None, {"explainer": {}, "baseline": {}}
-    for b in batches:
-        explainer(x[:b])
-        baseline(x[:b], 2)
-        series_b, seconds = time_in_turns({"explainer": (explainer, repeats), "baseline": (baseline, repeats)}, x, b)
-        out = out or series_b
-        for name, t in seconds.items():
-            by_batch[name][str(b)] = t
+    # Most of evaluate's time (the baseline's searches): one bar over every batch size's pass.
+    with progress(total=len(x) * len(batches), desc="timing both methods", unit="query") as bar:
+        for b in batches:
+            bar.set_postfix_str(f"{b} per call", refresh=False)
+            explainer(x[:b])
+            baseline(x[:b], 2)
+            series_b, seconds = time_in_turns({"explainer": (explainer, repeats), "baseline": (baseline, repeats)},
+                                              x, b, bar)
+            out = out or series_b
+            for name, t in seconds.items():
+                by_batch[name][str(b)] = t
     return out, by_batch
 
 
