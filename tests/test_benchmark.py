@@ -105,6 +105,8 @@ def test_the_dvc_graph_shares_upstream_per_task_and_the_oracle_per_dataset(tmp_p
     assert "benchmark/oracles/fashion_mnist/oracle.pt" in run["deps"]
     assert run["cmd"] == "exaggerate benchmark-stage run boots 1"
     assert "digits" in stages and stages["digits"]["outs"] == ["benchmark/data/digits"]
+    # The report reads each task's bins (how many training images each holds).
+    assert {f"benchmark/runs/{t}/bin" for t in spec.tasks} <= set(stages["report"]["deps"])
     # Switching val <-> test reruns the runs only, never a task's classifier and bins.
     spec_params = lambda st: [p for p in st["params"] if isinstance(p, dict)][0]["benchmark/params.yaml"]  # noqa: E731
     assert "split" in spec_params(run)
@@ -196,6 +198,27 @@ def test_the_report_names_a_seed_that_does_not_keep_the_query(tmp_path, monkeypa
     assert "seed 0 does not keep" not in text
     # Read back from summary.json (seed keys become strings), the warning is the same.
     assert R.table(json.loads(json.dumps(summary))) == text
+
+
+def test_the_report_counts_each_bins_training_images_and_names_empty_bins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    spec = B.load_spec(write_spec(tmp_path / "b.yaml", spec_dict()))
+    # The upstream bin stage's metrics: the digits as f binned MNIST's 8s and 3s on 2026-12-07.
+    for task, counts in (("boots", [3987, 20, 25, 26, 17, 24, 16, 31, 58, 5000]),
+                         ("digits", [300, 0, 0, 0, 0, 0, 0, 0, 0, 285])):
+        path = B.task_dir(task) / "bin" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"bins": [{"bin": k, "selected": c} for k, c in enumerate(counts)]}))
+    summary = R.summarise(spec)
+    assert summary["tasks"]["digits"]["bin_images"] == [300, 0, 0, 0, 0, 0, 0, 0, 0, 285]
+    assert summary["tasks"]["boots_no_mixup"]["bin_images"] is None  # no bin stage run yet
+    text = R.table(summary)
+    assert "| boots | 3987 | 20 | 25 | 26 | 17 | 24 | 16 | 31 | 58 | 5000 |" in text
+    assert "**digits: bins 1-8 hold no training image.** f puts none of its training images there" in text
+    bins_part = text.split("Training images per")[1].split("What a series costs")[0]
+    assert "boots: bin" not in text and "boots_no_mixup |" not in bins_part
+    assert R.bins_text([4]) == "bin 4" and R.bins_text([1, 2, 3, 6, 8, 9]) == "bins 1-3, 6 and 8-9"
 
 
 class _NoTracker:

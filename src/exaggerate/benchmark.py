@@ -331,6 +331,7 @@ def dvc_yaml(spec: Spec) -> dict:
         "metrics": [{str(REPORT / "summary.json"): {"cache": False}}],
     }
     st["report"]["deps"] += [str(run_dir(t, s) / "series_grid.png") for t in spec.tasks for s in spec.seeds]
+    st["report"]["deps"] += [str(task_dir(t) / "bin") for t in spec.tasks]
     return out
 
 

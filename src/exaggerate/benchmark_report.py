@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .benchmark import REPORT, Spec, run_dir
+from .benchmark import REPORT, Spec, run_dir, task_dir
 from .evaluate import ORACLE_READS_SHARE, QUERY_KEPT_SHARE
 from .io import read_json, write_json, write_text
 from .report import QUERY_LOST, reconstruction_text
@@ -100,7 +100,10 @@ def summarise(spec: Spec) -> dict:
         by_seed = {seed: {col: _get(m, keys) for col, keys, _ in COLUMNS if col in PER_SEED}
                    | {"median_image_l1": _get(m, ("explainer", "median_image_l1"))}
                    for seed, m in sorted(per_seed.items())}
+        bins = task_dir(task) / "bin" / "metrics.json"
         out["tasks"][task] = {"seeds": sorted(per_seed), "metrics": row, "cost": cost, "checks": checks(row),
+                              "bin_images": ([int(b["selected"]) for b in read_json(bins)["bins"]]
+                                             if bins.is_file() else None),
                               "per_seed": by_seed, "seeds_split": seeds_split(row),
                               "query_lost": [seed for seed, m in sorted(per_seed.items())
                                              if m.get("explainer", {}).get("query_kept") is False],
@@ -138,7 +141,40 @@ def table(summary: dict) -> str:
     for task, t in summary["tasks"].items():
         lines.append(f"| {task} | " + " | ".join({True: "yes", False: "NO", None: "absent"}[t["checks"][n]]
                                                 for n in names) + " |")
-    return "\n".join(lines + per_seed_table(summary) + cost_table(summary)) + "\n"
+    return "\n".join(lines + per_seed_table(summary) + bins_table(summary) + cost_table(summary)) + "\n"
+
+
+def bins_text(bins: list[int]) -> str:
+    """'bin 3', 'bins 1-8' or 'bins 1-3 and 6': runs of consecutive bins joined."""
+    runs: list[list[int]] = []
+    for k in bins:
+        if runs and k == runs[-1][-1] + 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    parts = [f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs]
+    words = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return ("bin " if len(bins) == 1 else "bins ") + words
+
+
+def bins_table(summary: dict) -> list[str]:
+    """Each task's training images per posterior bin (its bin stage): the only real images of a bin
+    that D sees, since training pairs are drawn from them. A task with empty bins is named."""
+    rows = {task: t["bin_images"] for task, t in summary["tasks"].items() if t.get("bin_images")}
+    if not rows:
+        return []
+    n = max(len(c) for c in rows.values())
+    lines = ["", "Training images per posterior bin (the explainer's real images of each bin; D sees no others):",
+             "", "| task | " + " | ".join(f"bin {k}" for k in range(n)) + " |", "|---|" + "---|" * n]
+    lines += [f"| {task} | " + " | ".join(str(c) for c in counts) + " |" for task, counts in rows.items()]
+    for task, counts in rows.items():
+        empty = [k for k, c in enumerate(counts) if c == 0]
+        if empty:
+            lines += ["", f"**{task}: {bins_text(empty)} hold{'s' if len(empty) == 1 else ''} no training image.** "
+                      "f puts none of its training images there, so D never sees a real image of "
+                      f"{'that bin' if len(empty) == 1 else 'those bins'}: what G draws there answers to f's "
+                      "loss and to what D learnt of the other bins. Look at the grid."]
+    return lines
 
 
 def cost_table(summary: dict) -> list[str]:
