@@ -215,7 +215,7 @@ def test_the_report_counts_each_bins_training_images_and_names_empty_bins(tmp_pa
     assert summary["tasks"]["boots_no_mixup"]["bin_images"] is None  # no bin stage run yet
     text = R.table(summary)
     assert "| boots | 3987 | 20 | 25 | 26 | 17 | 24 | 16 | 31 | 58 | 5000 |" in text
-    assert "**digits: bins 1-8 hold no training image.** f puts none of its training images there" in text
+    assert "**digits: bins 1-8 hold no training image.** The bin stage kept none: f puts none" in text
     bins_part = text.split("Training images per")[1].split("What a series costs")[0]
     assert "boots: bin" not in text and "boots_no_mixup |" not in bins_part
     assert R.bins_text([4]) == "bin 4" and R.bins_text([1, 2, 3, 6, 8, 9]) == "bins 1-3, 6 and 8-9"

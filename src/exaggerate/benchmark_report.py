@@ -171,9 +171,11 @@ def bins_table(summary: dict) -> list[str]:
         empty = [k for k, c in enumerate(counts) if c == 0]
         if empty:
             lines += ["", f"**{task}: {bins_text(empty)} hold{'s' if len(empty) == 1 else ''} no training image.** "
-                      "f puts none of its training images there, so D never sees a real image of "
-                      f"{'that bin' if len(empty) == 1 else 'those bins'}: what G draws there answers to f's "
-                      "loss and to what D learnt of the other bins. Look at the grid."]
+                      "The bin stage kept none: f puts none of its training images there, or too few of "
+                      "the two classes to match the bin's share of positives (the task's bin/metrics.json "
+                      f"has both counts). So D never sees a real image of {'that bin' if len(empty) == 1 else 'those bins'}: "
+                      "what G draws there answers to f's loss and to what D learnt of the other bins. "
+                      "Look at the grid."]
     return lines
 
 
